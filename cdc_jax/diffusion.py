@@ -1,0 +1,185 @@
+"""Diffusion math of CDC as pure functions (spec §6).
+
+Schedules are computed in float64 NumPy and stored as float32, exactly as
+the original registers its ``train_*`` buffers. The DDIM sampler's
+per-step update lives here too; the jitted loop that drives it is in
+``cdc_jax.sample``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+LOSS_WEIGHT_MAX_SNR = 5.0  # x family: weight min(SNR, 5)
+
+
+def linear_betas(timesteps: int) -> np.ndarray:
+  """The eps family's schedule: linspace(s*1e-4, s*0.02, T), s = 1000/T."""
+  s = 1000.0 / timesteps
+  return np.linspace(s * 1e-4, s * 0.02, timesteps, dtype=np.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008) -> np.ndarray:
+  """The x family's cosine schedule (Nichol & Dhariwal), betas clipped 0.999."""
+  k = np.linspace(0, timesteps, timesteps + 1, dtype=np.float64)
+  f = np.cos(((k / timesteps) + s) / (1 + s) * np.pi * 0.5) ** 2
+  abar = f / f[0]
+  betas = 1 - (abar[1:] / abar[:-1])
+  return np.clip(betas, 0, 0.999)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Float32 schedule arrays of length T (the original's ``train_*``)."""
+
+  betas: np.ndarray
+  alphas_cumprod: np.ndarray
+
+  @property
+  def timesteps(self) -> int:
+    return len(self.betas)
+
+  @property
+  def snr(self) -> np.ndarray:
+    return self.alphas_cumprod / (1 - self.alphas_cumprod)
+
+
+def make_schedule(kind: str, timesteps: int) -> Schedule:
+  """``kind`` in {"linear", "cosine"}; float64 math, float32 result."""
+  if kind == "linear":
+    betas = linear_betas(timesteps)
+  elif kind == "cosine":
+    betas = cosine_betas(timesteps)
+  else:
+    raise ValueError(f"unknown schedule {kind!r}; use 'linear' or 'cosine'")
+  abar = np.cumprod(1.0 - betas)
+  return Schedule(betas.astype(np.float32), abar.astype(np.float32))
+
+
+def reference_buffers(sched_kind: str, timesteps: int) -> dict[str, np.ndarray]:
+  """The original's registered ``train_*`` buffers (float64 math -> f32)."""
+  betas = (
+    linear_betas(timesteps)
+    if sched_kind == "linear"
+    else cosine_betas(timesteps)
+  )
+  abar = np.cumprod(1.0 - betas)
+  out = {
+    "train_betas": betas,
+    "train_alphas_cumprod": abar,
+    "train_sqrt_alphas_cumprod": np.sqrt(abar),
+    "train_sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - abar),
+    "train_sqrt_recip_alphas_cumprod": np.sqrt(1.0 / abar),
+    "train_sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / abar - 1),
+  }
+  if sched_kind == "cosine":
+    out["train_snr"] = abar / (1 - abar)
+  return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+# -- forward process and parameterisations ----------------------------------
+
+
+def _bcast(a, x):
+  return jnp.reshape(a, (-1,) + (1,) * (x.ndim - 1))
+
+
+def q_sample(x0, abar_t, noise):
+  """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; abar_t [B]."""
+  return (
+    _bcast(jnp.sqrt(abar_t), x0) * x0
+    + _bcast(jnp.sqrt(1.0 - abar_t), x0) * noise
+  )
+
+
+def x0_from_eps(x_t, abar, eps):
+  """sqrt(1/abar) x_t - sqrt(1/abar - 1) eps."""
+  return (
+    _bcast(jnp.sqrt(1.0 / abar), x_t) * x_t
+    - _bcast(jnp.sqrt(1.0 / abar - 1.0), x_t) * eps
+  )
+
+
+def eps_from_x0(x_t, abar, x0):
+  """(sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1)."""
+  return (_bcast(jnp.sqrt(1.0 / abar), x_t) * x_t - x0) / _bcast(
+    jnp.sqrt(1.0 / abar - 1.0), x_t
+  )
+
+
+def loss_weight(snr, min_snr: float = LOSS_WEIGHT_MAX_SNR):
+  """The x family's per-sample weight: min(SNR, 5)."""
+  return jnp.minimum(snr, min_snr)
+
+
+def eps_l1_loss(eps, eps_hat):
+  """The eps family's loss: mean |eps - eps_hat| over all elements."""
+  return jnp.mean(jnp.abs(eps - eps_hat))
+
+
+def x0_weighted_l2_loss(x0, x0_hat, weight):
+  """The x family's loss: mean_b w_b * mean_chw (x0 - x0_hat)^2."""
+  per = jnp.mean(jnp.square(x0 - x0_hat), axis=tuple(range(1, x0.ndim)))
+  return jnp.mean(weight * per)
+
+
+# -- DDIM (eta = 0) ------------------------------------------------------------
+
+
+def sample_indices(timesteps: int, steps: int, family: str) -> np.ndarray:
+  """Training indices visited by an S-step decode (spec §6.3).
+
+  ``floor(linspace(0, T-1, S))``; the x family special-cases S = 1 to
+  [T-1]. The original truncates a float32 torch linspace; for the S values
+  listed in spec §6.3 the indices are identical.
+  """
+  if steps < 1:
+    raise ValueError(f"decode steps must be >= 1, got {steps}")
+  if family == "x" and steps == 1:
+    return np.array([timesteps - 1], dtype=np.int64)
+  lin = np.linspace(0, timesteps - 1, steps, dtype=np.float32)
+  return lin.astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMTables:
+  """Per-step float32 arrays of an S-step DDIM decode, index i = 0..S-1."""
+
+  abar: np.ndarray
+  abar_prev: np.ndarray
+  time: np.ndarray  # the U-Net's time input at step i
+
+
+def ddim_tables(schedule: Schedule, steps: int, family: str) -> DDIMTables:
+  """eps: time i/S; x: time idx_i/T (the original's quirk, spec §6.3)."""
+  idx = sample_indices(schedule.timesteps, steps, family)
+  abar = schedule.alphas_cumprod[idx].astype(np.float32)
+  abar_prev = np.concatenate([[1.0], abar[:-1]]).astype(np.float32)
+  if family == "eps":
+    time = np.arange(steps, dtype=np.float32) / np.float32(steps)
+  elif family == "x":
+    time = idx.astype(np.float32) / np.float32(schedule.timesteps)
+  else:
+    raise ValueError(f"unknown family {family!r}")
+  return DDIMTables(abar, abar_prev, time.astype(np.float32))
+
+
+def ddim_step(x, model_out, abar, abar_prev, family: str):
+  """One deterministic DDIM update (eta = 0) from x at a step to the next.
+
+  eps family: model_out is eps-hat, x0-hat is not clipped. x family:
+  model_out is x0-hat, clipped to [-1, 1], and eps-hat re-derived from it;
+  the radicand is clamped at 0.
+  """
+  if family == "eps":
+    eps = model_out
+    x0 = x0_from_eps(x, abar, eps)
+    coef = jnp.sqrt(1.0 - abar_prev)
+  else:
+    x0 = jnp.clip(model_out, -1.0, 1.0)
+    eps = eps_from_x0(x, abar, x0)
+    coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev, 0.0))
+  return jnp.sqrt(abar_prev) * x0 + coef * eps

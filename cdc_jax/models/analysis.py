@@ -1,0 +1,196 @@
+"""The compressor ("context_fn"): g_a, h_a, h_s, entropy models, g_s.
+
+Data flow (spec §4.4; eps family shown, x differs in the context channels)::
+
+  x [B,H,W,3] --g_a--> y [B,H/16,W/16,256] --h_a--> z [B,H/64,W/64,256]
+  z_hat = round(z - medians) + medians               (factorized prior)
+  (mu, sigma_raw) = h_s(z_hat); sigma = max(sigma_raw, 0.1)
+  y_hat = round(y - sg(mu)) + sg(mu)                 (conditional Gaussian)
+  context = g_s(y_hat) = [c0 @ H, c1 @ H/2, c2 @ H/4, c3 @ H/8]
+
+``Compressor`` covers both released classes: ``BigCompressor`` (eps; its
+torch ModuleLists hold an Identity "VBR slot" at index 1, so Down/Upsample
+sit at index 2) and ``ResnetCompressor`` (x; ``reverse_dim_mults`` given,
+Down/Upsample at index 1). Submodule names mirror the torch keys with "."
+replaced by "_" (``enc.0.2.conv`` -> ``enc_0_2/conv``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cdc_jax.models import layers
+from cdc_jax.models.entropy import (
+  FactorizedPrior,
+  gaussian_likelihood,
+  ste_round,
+)
+
+SCALE_MIN = 0.1  # the original clamps the Gaussian scale at 0.1
+DOWNSAMPLING_FACTOR = 64  # g_a (16) times h_a (4)
+
+
+class Compressor(nn.Module):
+  """Analysis transform, hyperprior and context decoder of CDC."""
+
+  dim: int = 64
+  dim_mults: Sequence[int] = (1, 2, 3, 4)
+  hyper_dims_mults: Sequence[int] = (4, 4, 4)
+  reverse_dim_mults: Sequence[int] | None = None  # x family: (4, 3, 2, 1)
+  channels: int = 3
+  out_channels: int = 3
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    d, dt = self.dim, self.dtype
+    dims = [self.channels, *(d * m for m in self.dim_mults)]
+    # eps (BigCompressor) keeps an Identity at index 1 of each ModuleList.
+    slot = "2" if self.reverse_dim_mults is None else "1"
+    if self.reverse_dim_mults is None:
+      rdims = list(reversed([self.out_channels, *dims[1:]]))
+    else:
+      rdims = [*(d * m for m in self.reverse_dim_mults), self.out_channels]
+      if rdims[0] != dims[-1]:
+        raise ValueError(
+          f"reverse_dim_mults must start at the latent width {dims[-1]}, "
+          f"got {rdims[0]}"
+        )
+    hdims = [dims[-1], *(d * m for m in self.hyper_dims_mults)]
+    rhdims = list(reversed([2 * dims[-1], *hdims[1:]]))
+
+    enc = []
+    for i, (_, dout) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+      enc.append(
+        {
+          "0": layers.ResnetBlock(dout, large=i == 0, dtype=dt),
+          slot: layers.Downsample(dout, dtype=dt),
+        }
+      )
+    self.enc = enc
+
+    dec = []
+    n = len(rdims) - 1
+    for i, (din, dout) in enumerate(zip(rdims[:-1], rdims[1:], strict=True)):
+      last = i == n - 1
+      dec.append(
+        {
+          "0": layers.ResnetBlock(din if last else dout, dtype=dt),
+          slot: layers.Upsample(dout, dtype=dt),
+        }
+      )
+    self.dec = dec
+
+    hyper_enc = []
+    for i, dout in enumerate(hdims[1:]):
+      k, s, p = (3, 1, 1) if i == 0 else (5, 2, 2)
+      hyper_enc.append({"0": layers.Conv(dout, k, s, p, dtype=dt)})
+    self.hyper_enc = hyper_enc
+
+    hyper_dec = []
+    for i, dout in enumerate(rhdims[1:]):
+      if i == len(rhdims) - 2:
+        mod = layers.Conv(dout, 3, 1, 1, dtype=dt)
+      else:
+        mod = layers.ConvTranspose(dout, 5, 2, 2, output_padding=1, dtype=dt)
+      hyper_dec.append({"0": mod})
+    self.hyper_dec = hyper_dec
+
+    self.prior = FactorizedPrior(hdims[-1])
+    self._slot = slot
+
+  # -- transforms ------------------------------------------------------------
+
+  def g_a(self, x):  # [B, H, W, 3] -> y [B, H/16, W/16, C]
+    for stage in self.enc:
+      x = stage[self._slot](stage["0"](x))
+    return x.astype(jnp.float32)
+
+  def h_a(self, y):  # y -> z [B, H/64, W/64, C]
+    for i, stage in enumerate(self.hyper_enc):
+      y = stage["0"](y)
+      if i < len(self.hyper_enc) - 1:
+        y = nn.leaky_relu(y, 0.2)
+    return y.astype(jnp.float32)
+
+  def h_s(self, z_hat):  # z_hat -> (mu, sigma), sigma >= 0.1
+    h = z_hat
+    for i, stage in enumerate(self.hyper_dec):
+      h = stage["0"](h)
+      if i < len(self.hyper_dec) - 1:
+        h = nn.leaky_relu(h, 0.2)
+    mean, scale = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+    return mean, jnp.maximum(scale, SCALE_MIN)
+
+  def g_s(self, y_hat):
+    """Context decoder: [c0 @ H, c1 @ H/2, c2 @ H/4, c3 @ H/8]."""
+    out = []
+    h = y_hat
+    for stage in self.dec:
+      h = stage[self._slot](stage["0"](h))
+      out.append(h)
+    return out[::-1]
+
+  def medians(self):
+    return jax.lax.stop_gradient(self.prior.medians)
+
+  def z_likelihood(self, z_tilde):
+    return self.prior(z_tilde)
+
+  def extra_loss(self):
+    return self.prior.extra_loss()
+
+  def z_logits_cdf(self, u):
+    """Per-channel CDF logits of the hyperprior at u [..., C] (for tables)."""
+    return self.prior.logits_cdf(u, params_stop_gradient=True)
+
+  # -- the original's forward ------------------------------------------------
+
+  def __call__(self, x, train: bool = False, rng=None):
+    """Returns dict(output=context list, bpp [B], q_latent, q_hyper_latent).
+
+    In training mode (``train=True``) the rate term uses additive uniform
+    noise drawn from ``rng`` (first for z, then for y, as the original);
+    the decoders always see the rounded values.
+    """
+    b, h, w, _ = x.shape
+    y = self.g_a(x)
+    z = self.h_a(y)
+    med = self.medians()
+    z_hat = ste_round(z - med) + med
+    mean, scale = self.h_s(z_hat)
+    mu_sg = jax.lax.stop_gradient(mean)
+    y_hat = ste_round(y - mu_sg) + mu_sg
+    if train:
+      if rng is None:
+        raise ValueError("train=True needs an rng for the rate noise")
+      kz, ky = jax.random.split(rng)
+      z_tilde = z + jax.random.uniform(kz, z.shape, z.dtype, -0.5, 0.5)
+      y_tilde = y + jax.random.uniform(ky, y.shape, y.dtype, -0.5, 0.5)
+    else:
+      z_tilde, y_tilde = z_hat, y_hat
+    bits_z = -jnp.log2(self.z_likelihood(z_tilde))
+    bits_y = -jnp.log2(gaussian_likelihood(y_tilde, mean, scale))
+    bits = jnp.sum(bits_z, axis=(1, 2, 3)) + jnp.sum(bits_y, axis=(1, 2, 3))
+    bpp = bits / (h * w)
+    context = self.g_s(y_hat)
+    return {
+      "output": context,
+      "bpp": bpp,
+      "q_latent": y_hat,
+      "q_hyper_latent": z_hat,
+    }
+
+
+def check_image_size(h: int, w: int, multiple: int = DOWNSAMPLING_FACTOR):
+  """The model's own constraint; the codec pads to it (see cdc_jax.codec)."""
+  if h % multiple or w % multiple:
+    raise ValueError(
+      f"image size {h}x{w} is not a multiple of {multiple}; pad it first "
+      f"(to {math.ceil(h / multiple) * multiple}x"
+      f"{math.ceil(w / multiple) * multiple})"
+    )
