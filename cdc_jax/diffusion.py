@@ -23,9 +23,14 @@ def linear_betas(timesteps: int) -> np.ndarray:
 
 
 def cosine_betas(timesteps: int, s: float = 0.008) -> np.ndarray:
-  """The x family's cosine schedule (Nichol & Dhariwal), betas clipped 0.999."""
-  k = np.linspace(0, timesteps, timesteps + 1, dtype=np.float64)
-  f = np.cos(((k / timesteps) + s) / (1 + s) * np.pi * 0.5) ** 2
+  """The x family's cosine schedule (Nichol & Dhariwal), betas clipped 0.999.
+
+  The grid is written as the original writes it (linspace(0, T+1, T+1) /
+  (T+1), i.e. k/T) so the float64 values agree bit for bit.
+  """
+  n = timesteps + 1
+  k = np.linspace(0, n, n, dtype=np.float64)
+  f = np.cos(((k / n) + s) / (1 + s) * np.pi * 0.5) ** 2
   abar = f / f[0]
   betas = 1 - (abar[1:] / abar[:-1])
   return np.clip(betas, 0, 0.999)
@@ -33,39 +38,45 @@ def cosine_betas(timesteps: int, s: float = 0.008) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """Float32 schedule arrays of length T (the original's ``train_*``)."""
+  """Float32 schedule arrays of length T, each computed in float64 first
+  (the original's ``train_*`` buffers)."""
 
   betas: np.ndarray
   alphas_cumprod: np.ndarray
+  sqrt_alphas_cumprod: np.ndarray
+  sqrt_one_minus_alphas_cumprod: np.ndarray
+  snr: np.ndarray
 
   @property
   def timesteps(self) -> int:
     return len(self.betas)
 
-  @property
-  def snr(self) -> np.ndarray:
-    return self.alphas_cumprod / (1 - self.alphas_cumprod)
+
+def _betas(kind: str, timesteps: int) -> np.ndarray:
+  if kind == "linear":
+    return linear_betas(timesteps)
+  if kind == "cosine":
+    return cosine_betas(timesteps)
+  raise ValueError(f"unknown schedule {kind!r}; use 'linear' or 'cosine'")
 
 
 def make_schedule(kind: str, timesteps: int) -> Schedule:
   """``kind`` in {"linear", "cosine"}; float64 math, float32 result."""
-  if kind == "linear":
-    betas = linear_betas(timesteps)
-  elif kind == "cosine":
-    betas = cosine_betas(timesteps)
-  else:
-    raise ValueError(f"unknown schedule {kind!r}; use 'linear' or 'cosine'")
+  betas = _betas(kind, timesteps)
   abar = np.cumprod(1.0 - betas)
-  return Schedule(betas.astype(np.float32), abar.astype(np.float32))
-
-
-def reference_buffers(sched_kind: str, timesteps: int) -> dict[str, np.ndarray]:
-  """The original's registered ``train_*`` buffers (float64 math -> f32)."""
-  betas = (
-    linear_betas(timesteps)
-    if sched_kind == "linear"
-    else cosine_betas(timesteps)
+  f32 = lambda a: np.asarray(a, np.float32)
+  return Schedule(
+    f32(betas),
+    f32(abar),
+    f32(np.sqrt(abar)),
+    f32(np.sqrt(1.0 - abar)),
+    f32(abar / (1.0 - abar)),
   )
+
+
+def reference_buffers(kind: str, timesteps: int) -> dict[str, np.ndarray]:
+  """The original's registered ``train_*`` buffers (float64 math -> f32)."""
+  betas = _betas(kind, timesteps)
   abar = np.cumprod(1.0 - betas)
   out = {
     "train_betas": betas,
@@ -75,23 +86,22 @@ def reference_buffers(sched_kind: str, timesteps: int) -> dict[str, np.ndarray]:
     "train_sqrt_recip_alphas_cumprod": np.sqrt(1.0 / abar),
     "train_sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / abar - 1),
   }
-  if sched_kind == "cosine":
+  if kind == "cosine":
     out["train_snr"] = abar / (1 - abar)
   return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-# -- forward process and parameterisations ----------------------------------
+# -- forward process and parameterisations ------------------------------------
 
 
 def _bcast(a, x):
   return jnp.reshape(a, (-1,) + (1,) * (x.ndim - 1))
 
 
-def q_sample(x0, abar_t, noise):
-  """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; abar_t [B]."""
+def q_sample(x0, sqrt_abar_t, sqrt_one_minus_abar_t, noise):
+  """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; coefficients [B]."""
   return (
-    _bcast(jnp.sqrt(abar_t), x0) * x0
-    + _bcast(jnp.sqrt(1.0 - abar_t), x0) * noise
+    _bcast(sqrt_abar_t, x0) * x0 + _bcast(sqrt_one_minus_abar_t, x0) * noise
   )
 
 
@@ -126,7 +136,7 @@ def x0_weighted_l2_loss(x0, x0_hat, weight):
   return jnp.mean(weight * per)
 
 
-# -- DDIM (eta = 0) ------------------------------------------------------------
+# -- DDIM (eta = 0) -----------------------------------------------------------
 
 
 def sample_indices(timesteps: int, steps: int, family: str) -> np.ndarray:

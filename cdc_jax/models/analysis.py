@@ -150,12 +150,13 @@ class Compressor(nn.Module):
 
   # -- the original's forward ------------------------------------------------
 
-  def __call__(self, x, train: bool = False, rng=None):
+  def __call__(self, x, train: bool = False, rng=None, rate_noise=None):
     """Returns dict(output=context list, bpp [B], q_latent, q_hyper_latent).
 
     In training mode (``train=True``) the rate term uses additive uniform
-    noise drawn from ``rng`` (first for z, then for y, as the original);
-    the decoders always see the rounded values.
+    noise U(-0.5, 0.5): ``rate_noise=(u_z, u_y)`` if given (parity tests),
+    else drawn from ``rng`` (first for z, then for y, as the original).
+    The decoders always see the rounded values.
     """
     b, h, w, _ = x.shape
     y = self.g_a(x)
@@ -166,11 +167,15 @@ class Compressor(nn.Module):
     mu_sg = jax.lax.stop_gradient(mean)
     y_hat = ste_round(y - mu_sg) + mu_sg
     if train:
-      if rng is None:
-        raise ValueError("train=True needs an rng for the rate noise")
-      kz, ky = jax.random.split(rng)
-      z_tilde = z + jax.random.uniform(kz, z.shape, z.dtype, -0.5, 0.5)
-      y_tilde = y + jax.random.uniform(ky, y.shape, y.dtype, -0.5, 0.5)
+      if rate_noise is None:
+        if rng is None:
+          raise ValueError("train=True needs an rng (or rate_noise)")
+        kz, ky = jax.random.split(rng)
+        rate_noise = (
+          jax.random.uniform(kz, z.shape, z.dtype, -0.5, 0.5),
+          jax.random.uniform(ky, y.shape, y.dtype, -0.5, 0.5),
+        )
+      z_tilde, y_tilde = z + rate_noise[0], y + rate_noise[1]
     else:
       z_tilde, y_tilde = z_hat, y_hat
     bits_z = -jnp.log2(self.z_likelihood(z_tilde))

@@ -73,8 +73,8 @@ class CDC(nn.Module):
     ctx = self.context_fn(x0, train=train, rng=rng)
     return self.denoise_fn(x0, time, ctx["output"]), ctx
 
-  def compress_context(self, x, train: bool = False, rng=None):
-    return self.context_fn(x, train=train, rng=rng)
+  def compress_context(self, x, train: bool = False, rng=None, rate_noise=None):
+    return self.context_fn(x, train=train, rng=rng, rate_noise=rate_noise)
 
   def denoise(self, x_t, time, context):
     return self.denoise_fn(x_t, time, context)

@@ -1,0 +1,133 @@
+"""Config pieces shared by the released configs, and variant parsing.
+
+A config file's ``get_config(arg)`` takes a variant string (the part after
+``:`` in ``--config=configs/eps_linear.py:tiny``): comma-separated words,
+each a preset (``tiny``) or ``key=value`` for a few shortcuts
+(``steps=500``). Everything else is overridden with absl flags,
+``--config.train.lr=1e-4``; the config is locked, so a typo fails.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'tiny,steps=10' into {'tiny': True, 'steps': 10} over defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  for word in filter(None, (arg or "").split(",")):
+    key, _, value = word.partition("=")
+    if key not in out:
+      raise ValueError(
+        f"unknown config variant {key!r}; known: {', '.join(sorted(out))}"
+      )
+    if not value:
+      out[key] = True
+    else:
+      out[key] = type(defaults[key])(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields both families share; the family files set the rest."""
+  c = ml_collections.ConfigDict()
+
+  # model: the kwargs of cdc_jax.models.cdc.CDC, one to one.
+  c.model = ml_collections.ConfigDict(
+    dict(
+      family="eps",
+      dim=64,
+      dim_mults=(1, 2, 3, 4, 5, 6),
+      context_dim_mults=(1, 2, 3, 4),
+      reverse_context_dim_mults=ml_collections.FieldReference(
+        None, field_type=tuple
+      ),
+      hyper_dims_mults=(4, 4, 4),
+      context_channels=3,
+      channels=3,
+      dtype="float32",  # compute dtype; "bfloat16" for accelerators
+    )
+  )
+
+  c.diffusion = ml_collections.ConfigDict(
+    dict(
+      schedule="linear",
+      timesteps=20000,
+      # rho: weight of the LPIPS-VGG aux term; needs LPIPS weights (not yet
+      # ported), so only 0 is accepted for now.
+      aux_weight=0.0,
+    )
+  )
+
+  c.train = ml_collections.ConfigDict(
+    dict(
+      num_steps=1_000_000,
+      batch_size=4,  # global batch, split over all devices
+      seed=0,
+      # Optimizer: Adam with PyTorch defaults.
+      lr=5e-5,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      # "paper": lr * decay^floor(step / every), floored at lr_min;
+      # "released": the original code's effective schedule (spec §7.2):
+      # lr until `every`, then lr * decay^(step - every + 1), floored.
+      lr_schedule="paper",
+      lr_decay=0.8,
+      lr_decay_every=100_000,
+      lr_min=2e-5,
+      grad_clip=1.0,  # global-norm clipping; 0 disables
+      # Rate weight lambda: warmup_lambda for warmup_steps, then lam.
+      lam=0.0032,
+      warmup_lambda=1e-6,
+      warmup_steps=700_000,
+      # EMA of the params (ema_pytorch semantics, spec §7.3).
+      ema=ml_collections.ConfigDict(
+        dict(
+          enabled=True,
+          beta=0.999,
+          update_every=10,
+          update_after_step=100,
+          power=0.75,
+        )
+      ),
+      init_from="",  # a model directory (converted or exported weights)
+    )
+  )
+
+  c.data = ml_collections.ConfigDict(
+    dict(name="embedded", path="", split="train", crop_size=256)
+  )
+
+  c.log = ml_collections.ConfigDict(
+    dict(
+      log_every=100,
+      eval_every=5000,
+      checkpoint_every=5000,
+      keep_checkpoints=3,
+      eval_steps=65,  # DDIM steps for logged reconstructions
+      eval_gamma=0.8,  # x_T = gamma * N(0, I)
+      eval_size=256,  # held-out photo is center-cropped to this size
+      progress=True,
+    )
+  )
+  return c
+
+
+def apply_tiny(c: ml_collections.ConfigDict) -> None:
+  """A small model that trains on 2 CPU cores in minutes."""
+  c.model.dim = 8
+  c.data.crop_size = 64
+  c.train.batch_size = 2
+  c.train.num_steps = 300
+  c.train.lr = 5e-4
+  c.train.lr_min = 1e-4
+  c.train.lr_decay_every = 200
+  c.train.warmup_steps = 150
+  c.train.ema.update_after_step = 20
+  c.train.ema.update_every = 5
+  c.log.log_every = 25
+  c.log.eval_every = 150
+  c.log.checkpoint_every = 150
+  c.log.eval_steps = 8
+  c.log.eval_size = 64
