@@ -195,7 +195,7 @@ def train_step(
     jax.random.uniform(ky, yshape, jnp.float32, -0.5, 0.5),
   )
   noise = jax.random.normal(kn, x0.shape, jnp.float32)
-  lam = lambda_schedule(tc)(state.step)
+  lam = jnp.asarray(lambda_schedule(tc)(state.step), jnp.float32)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, aux), grads = grad_fn(
@@ -211,7 +211,13 @@ def train_step(
   aux["lr"] = lr_schedule(tc)(state.step)
   aux["grad_norm"] = optax.global_norm(grads)
   new = TrainState(state.step + 1, params, opt_state, ema, lam)
+  new = jax.tree.map(_keep_dtype, new, state)
   return new, aux
+
+
+def _keep_dtype(new, old):
+  # Keeps the step signature fixed (no weak types), so jit compiles once.
+  return jnp.asarray(new, old.dtype)
 
 
 def model_latent_channels(model: CDC) -> int:
