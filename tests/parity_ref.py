@@ -1,0 +1,209 @@
+"""Reference outputs of the ORIGINAL PyTorch CDC code (run by test_parity).
+
+Runs in a subprocess with the working directory ``$CDC_REF/epsilonparam``
+or ``$CDC_REF/xparam`` on ``PYTHONPATH`` (both define a package named
+``modules``) plus a stub ``lpips`` package::
+
+  python parity_ref.py {eps|x} INPUTS.npz CHECKPOINT.pt OUTPUTS.npz [SEED]
+
+It builds the released configuration exactly as the original test scripts
+do (LPIPS weight 0), perturbs the LayerNorm and prior parameters so they are
+not at their trivial init, saves a checkpoint in the released format and
+writes the original's outputs for the inputs (NCHW numpy arrays made by the
+test) to OUTPUTS.npz. Randomness inside the original (t, rate noise, eps)
+is injected by replacing ``torch.randint`` / ``torch.rand_like`` /
+``torch.randn_like``.
+
+Inputs, per image set k: ``images_k`` [B,3,H,W] in [-1, 1], ``init_k``
+(x_T), ``steps_k`` (DDIM step counts), ``t_k`` [B] (int), ``rz_k`` / ``ry_k``
+(what ``rand_like`` returns for z and y: the rate noise plus 0.5),
+``eps_k``; and ``unet_x``, ``unet_time`` [B,1], ``unet_ctx_0..3``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from modules.denoising_diffusion import GaussianDiffusion
+from modules.unet import Unet
+
+LAGRANGIAN = {"eps": 0.9, "x": 0.0032}  # as in the original test scripts
+
+
+def build(family: str):
+  """The released model, constructed as test_{epsilon,x}param.py do."""
+  if family == "eps":
+    from modules.compress_modules import BigCompressor
+
+    unet = Unet(
+      dim=64,
+      channels=3,
+      context_channels=3,
+      dim_mults=(1, 2, 3, 4, 5, 6),
+      context_dim_mults=(1, 2, 3, 4),
+    )
+    compressor = BigCompressor(
+      dim=64,
+      dim_mults=(1, 2, 3, 4),
+      hyper_dims_mults=(4, 4, 4),
+      channels=3,
+      out_channels=3,
+      vbr=False,
+    )
+    return GaussianDiffusion(
+      denoise_fn=unet,
+      context_fn=compressor,
+      num_timesteps=20000,
+      loss_type="l1",
+      clip_noise="none",
+      vbr=False,
+      lagrangian=LAGRANGIAN["eps"],
+      pred_mode="noise",
+      var_schedule="linear",
+      aux_loss_weight=0.0,
+      aux_loss_type="lpips",
+    )
+  from modules.compress_modules import ResnetCompressor
+
+  unet = Unet(
+    dim=64,
+    channels=3,
+    context_channels=64,
+    dim_mults=[1, 2, 3, 4, 5, 6],
+    context_dim_mults=[1, 2, 3, 4],
+    embd_type="01",
+  )
+  compressor = ResnetCompressor(
+    dim=64,
+    dim_mults=[1, 2, 3, 4],
+    reverse_dim_mults=[4, 3, 2, 1],
+    hyper_dims_mults=[4, 4, 4],
+    channels=3,
+    out_channels=64,
+  )
+  return GaussianDiffusion(
+    denoise_fn=unet,
+    context_fn=compressor,
+    ae_fn=None,
+    num_timesteps=8193,
+    loss_type="l2",
+    lagrangian=LAGRANGIAN["x"],
+    pred_mode="x",
+    aux_loss_weight=0.0,
+    aux_loss_type="lpips",
+    var_schedule="cosine",
+    use_loss_weight=True,
+    loss_weight_min=5,
+    use_aux_loss_weight_schedule=False,
+  )
+
+
+@torch.no_grad()
+def perturb(model, gen: torch.Generator) -> None:
+  """Non-trivial LayerNorm g/b and prior parameters (seeded)."""
+  for name, p in model.named_parameters():
+    noise = torch.randn(p.shape, generator=gen)
+    if name.endswith(".g"):
+      p.copy_(1.0 + 0.2 * noise)
+    elif name.endswith(".b"):
+      p.copy_(0.2 * noise)
+    elif ".prior.a." in name or name.endswith("prior._medians"):
+      p.copy_(0.5 * noise)
+    elif ".prior.affine." in name and name.endswith(".weight"):
+      p.add_(0.3 * noise)
+
+
+class Injected:
+  """Replaces torch's RNG entry points with given tensors, in call order."""
+
+  def __init__(self, t, rand_like, randn_like):
+    self.t, self.rand, self.randn = t, list(rand_like), list(randn_like)
+    self.saved = {}
+
+  def _randint(self, low, high, size, **kw):
+    assert tuple(size) == tuple(self.t.shape) and int(self.t.max()) < high
+    return self.t.clone()
+
+  def _pop(self, queue, like):
+    a = queue.pop(0)
+    assert a.shape == like.shape, (a.shape, like.shape)
+    return a.clone()
+
+  def __enter__(self):
+    names = ("randint", "rand_like", "randn_like")
+    self.saved = {n: getattr(torch, n) for n in names}
+    torch.randint = self._randint
+    torch.rand_like = lambda x, **kw: self._pop(self.rand, x)
+    torch.randn_like = lambda x, **kw: self._pop(self.randn, x)
+    return self
+
+  def __exit__(self, *exc):
+    for n, f in self.saved.items():
+      setattr(torch, n, f)
+    if exc[0] is None:
+      assert not self.rand and not self.randn, "unused injected noise"
+
+
+def main(family, inputs_path, ckpt_path, outputs_path, seed="0"):
+  torch.manual_seed(int(seed))
+  gen = torch.Generator().manual_seed(int(seed) + 1)
+  model = build(family)
+  perturb(model, gen)
+  if family == "eps":
+    torch.save({"step": 1234, "model": model.state_dict()}, ckpt_path)
+  else:
+    from ema_pytorch import EMA
+
+    ema = EMA(model, beta=0.999, update_every=10, power=0.75)
+    # The online weights differ from the EMA ones: the converter must pick
+    # ema_model.* (as the original x-param test does).
+    with torch.no_grad():
+      for p in model.parameters():
+        p.mul_(0.5)
+    state = {"step": 1234, "model": model.state_dict(), "ema": ema.state_dict()}
+    torch.save(state, ckpt_path)
+    model = ema.ema_model
+
+  inp = {k: torch.from_numpy(v) for k, v in np.load(inputs_path).items()}
+  out = {}
+  n_sets = sum(1 for k in inp if k.startswith("images_"))
+  model.eval()
+  with torch.no_grad():
+    ctx = [inp[f"unet_ctx_{i}"] for i in range(4)]
+    out["unet_out"] = model.denoise_fn(inp["unet_x"], inp["unet_time"], ctx)
+    for k in range(n_sets):
+      images = inp[f"images_{k}"]
+      res = model.context_fn(images)
+      out[f"y_hat_{k}"] = res["q_latent"]
+      out[f"z_hat_{k}"] = res["q_hyper_latent"]
+      out[f"bpp_{k}"] = res["bpp"]
+      for i, c in enumerate(res["output"]):
+        out[f"ctx_{k}_{i}"] = c
+      for s in inp[f"steps_{k}"].tolist():
+        kw = dict(bpp_return_mean=False, init=inp[f"init_{k}"].clone(), eta=0)
+        if family == "eps":
+          kw["sample_mode"] = "ddim"
+        rec, bpp = model.compress(images, sample_steps=int(s), **kw)
+        out[f"ddim_{k}_{s}"], out[f"ddim_bpp_{k}_{s}"] = rec, bpp
+
+  model.train()
+  with torch.no_grad():
+    for k in range(n_sets):
+      images, t = inp[f"images_{k}"], inp[f"t_{k}"].long()
+      rates = [inp[f"rz_{k}"], inp[f"ry_{k}"]]
+      with Injected(t, rates, []):
+        out[f"train_bpp_{k}"] = model.context_fn(images)["bpp"]
+      with Injected(t, rates, [inp[f"eps_{k}"]]):
+        loss, extra = model(images)
+      out[f"loss_{k}"], out[f"extra_{k}"] = loss, extra
+
+  arrays = {
+    k: np.asarray(v.detach().numpy(), np.float32) for k, v in out.items()
+  }
+  np.savez(outputs_path, **arrays)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

@@ -1,0 +1,316 @@
+"""Parity with the ORIGINAL PyTorch CDC code (buggyyang/CDC_compression).
+
+Needs torch (``pip install -r requirements-torch.txt``) and ``CDC_REF``, the
+path of a checkout of the original repository::
+
+  CDC_REF=/path/to/CDC_compression python -m pytest tests/test_parity.py -s
+
+For each family, ``parity_ref.py`` (a subprocess in the original's folder,
+with a stub ``lpips``) builds the released configuration with perturbed
+LayerNorm/prior parameters, saves it in the released checkpoint format and
+computes reference outputs for inputs made here. The checkpoint goes
+through ``cdc_jax.convert_torch``; our model then recomputes everything:
+compressor (eval), U-Net, DDIM decodes with an explicit x_T
+(``cdc_jax.sample.Sampler``), and the training loss
+(``cdc_jax.train.loss_fn``) with the same injected t / rate noise / eps.
+The table of max errors is printed (``-s``) and, when ``PARITY_REPORT``
+names a file, appended to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdc_jax import checkpoint, convert_torch, diffusion, train
+from cdc_jax.models.cdc import CDC
+from cdc_jax.sample import Sampler
+
+CDC_REF = os.environ.get("CDC_REF", "")
+FOLDER = {"eps": "epsilonparam", "x": "xparam"}
+CONTEXT_CHANNELS = {"eps": 3, "x": 64}
+LAGRANGIAN = {"eps": 0.9, "x": 0.0032}  # the original test scripts' values
+# Image sets: (batch, H, W, DDIM step counts).
+SETS = ((2, 64, 64, (2, 3, 5, 17)), (1, 64, 128, (3,)))
+GAMMA = 0.8  # x_T = gamma * N(0, I), as the original test scripts
+# Tolerances (kind, value): "abs" max |a - b|; "rel" max |a - b| / max |b|.
+TOL = {
+  "y_hat": ("abs", 1e-5),
+  "z_hat": ("abs", 0.0),
+  "context": ("abs", 1e-5),
+  "bpp": ("rel", 1e-5),
+  "unet": ("abs", 1e-5),
+  "ddim": ("rel", 1e-4),
+  "loss": ("rel", 1e-5),
+}
+_STUB_LPIPS = '''"""Stub: imported by the original, unused with rho = 0."""
+
+
+class LPIPS:
+  def __init__(self, *args, **kwargs):
+    raise RuntimeError("lpips stub: parity tests run with aux weight 0")
+'''
+
+
+def _skip_reason() -> str | None:
+  for mod in ("torch", "einops", "ema_pytorch"):
+    if importlib.util.find_spec(mod) is None:
+      return f"{mod} is not installed (pip install -r requirements-torch.txt)"
+  if not CDC_REF:
+    return "set CDC_REF to a checkout of buggyyang/CDC_compression"
+  if not all(os.path.isdir(os.path.join(CDC_REF, f)) for f in FOLDER.values()):
+    return f"CDC_REF={CDC_REF} is not a CDC_compression checkout"
+  return None
+
+
+pytestmark = [
+  pytest.mark.parity,
+  pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
+]
+
+
+# -- inputs and the reference subprocess ---------------------------------------
+
+
+def _make_inputs(family: str, timesteps: int, seed: int = 0) -> dict:
+  """NCHW float32 inputs for parity_ref.py (all randomness lives here)."""
+  rng = np.random.default_rng(seed)
+  f32 = np.float32
+  out = {}
+  for k, (b, h, w, steps) in enumerate(SETS):
+    out[f"images_{k}"] = rng.uniform(-1, 1, (b, 3, h, w)).astype(f32)
+    out[f"init_{k}"] = (GAMMA * rng.standard_normal((b, 3, h, w))).astype(f32)
+    out[f"steps_{k}"] = np.asarray(steps, np.int64)
+    out[f"t_{k}"] = rng.integers(0, timesteps, b).astype(np.int64)
+    # What torch.rand_like returns: U[0, 1); the rate noise is this - 0.5.
+    out[f"rz_{k}"] = rng.random((b, 256, h // 64, w // 64)).astype(f32)
+    out[f"ry_{k}"] = rng.random((b, 256, h // 16, w // 16)).astype(f32)
+    out[f"eps_{k}"] = rng.standard_normal((b, 3, h, w)).astype(f32)
+  b, h = 2, 64
+  out["unet_x"] = rng.standard_normal((b, 3, h, h)).astype(f32)
+  out["unet_time"] = rng.random((b, 1)).astype(f32)
+  widths = (CONTEXT_CHANNELS[family], 64, 128, 192)
+  for i, c in enumerate(widths):
+    s = h // 2**i
+    out[f"unet_ctx_{i}"] = rng.standard_normal((b, c, s, s)).astype(f32)
+  return out
+
+
+def _run_reference(family: str, tmp, inputs: dict) -> tuple[str, dict]:
+  """Runs parity_ref.py in the original's folder; returns (ckpt, outputs)."""
+  stub = tmp / "stubs" / "lpips"
+  stub.mkdir(parents=True)
+  (stub / "__init__.py").write_text(_STUB_LPIPS)
+  folder = os.path.join(CDC_REF, FOLDER[family])
+  in_path, out_path = tmp / "inputs.npz", tmp / "reference.npz"
+  ckpt = tmp / f"cdc_{family}.pt"
+  np.savez(in_path, **inputs)
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(tmp / "stubs"), folder])
+  env["TQDM_DISABLE"] = "1"
+  # One torch thread: with more, a busy machine slows torch down ~15x.
+  env.setdefault("OMP_NUM_THREADS", "1")
+  script = os.path.join(os.path.dirname(__file__), "parity_ref.py")
+  cmd = [sys.executable, script, family, in_path, ckpt, out_path]
+  proc = subprocess.run(
+    [str(c) for c in cmd],
+    cwd=folder,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  if proc.returncode != 0:
+    pytest.fail(f"parity_ref.py {family} failed:\n{proc.stderr[-3000:]}")
+  with np.load(out_path) as z:
+    return str(ckpt), {k: z[k] for k in z.files}
+
+
+# -- our side ------------------------------------------------------------------
+
+
+def _nhwc(a):
+  return np.asarray(a).transpose(0, 2, 3, 1)
+
+
+def _loss_fn(model, family, sched):
+  """cdc_jax.train.loss_fn, jitted, with the original's lambda."""
+  sched_arrays = tuple(
+    jnp.asarray(a)
+    for a in (
+      sched.sqrt_alphas_cumprod,
+      sched.sqrt_one_minus_alphas_cumprod,
+      sched.snr,
+    )
+  )
+  lam = jnp.float32(LAGRANGIAN[family])
+
+  @jax.jit
+  def run(params, x0, t, noise, rate_noise):
+    _, aux = train.loss_fn(
+      params, model, sched_arrays, x0, t, noise, rate_noise, lam
+    )
+    return aux
+
+  return run
+
+
+class _Table:
+  """Rows (group, quantity, kind, error, tolerance, ok) of a comparison."""
+
+  def __init__(self, family: str):
+    self.family, self.rows = family, []
+
+  def add(self, group, name, ours, ref, note=""):
+    kind, tol = TOL[group]
+    ours = np.asarray(ours, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (name, ours.shape, ref.shape)
+    diff = np.abs(ours - ref)
+    err = float(diff.max()) if diff.size else 0.0
+    if kind == "rel":
+      err /= max(float(np.abs(ref).max()), 1e-30)
+    self.rows.append((group, name, kind, err, tol, err <= tol, note))
+
+  def failures(self, group):
+    return [r for r in self.rows if r[0] == group and not r[5]]
+
+  def render(self) -> str:
+    lines = [
+      f"parity {self.family}: max errors (rel = relative to max |ref|)",
+      f"{'quantity':<28} {'kind':<4} {'max error':>10} {'tol':>8}  ok",
+    ]
+    for _, name, kind, err, tol, ok, note in self.rows:
+      mark = "ok" if ok else "FAIL"
+      line = f"{name:<28} {kind:<4} {err:>10.2e} {tol:>8.0e}  {mark}"
+      lines.append(line + (f"  {note}" if note else ""))
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module", params=["eps", "x"])
+def parity(request, tmp_path_factory):
+  """Runs both sides for one family; returns the table of errors."""
+  family = request.param
+  tmp = tmp_path_factory.mktemp(f"parity_{family}")
+  timesteps = convert_torch.RELEASE_DIFFUSION[family]["timesteps"]
+  inputs = _make_inputs(family, timesteps)
+  t0 = time.perf_counter()
+  ckpt, ref = _run_reference(family, tmp, inputs)
+  t_ref = time.perf_counter() - t0
+
+  conv, _ = convert_torch.convert_file(ckpt, str(tmp / "model"), family)
+  loaded = checkpoint.load_model(str(tmp / "model"))
+  assert loaded.diffusion_config == convert_torch.RELEASE_DIFFUSION[family]
+  # JSON lists -> tuples (as cdc_jax.codec does): a hashable module.
+  cfg = {
+    k: tuple(v) if isinstance(v, list) else v
+    for k, v in loaded.model_config.items()
+  }
+  model = CDC(**cfg)
+  params = jax.tree.map(jnp.asarray, loaded.params)
+  dcfg = loaded.diffusion_config
+  sched = diffusion.make_schedule(dcfg["schedule"], dcfg["timesteps"])
+  sampler = Sampler(model, sched)
+  loss_fn = _loss_fn(model, family, sched)
+  table = _Table(family)
+  p = {"params": params}
+  denoise = jax.jit(functools.partial(model.apply, method=CDC.denoise))
+  compress = jax.jit(
+    functools.partial(model.apply, method=CDC.compress_context)
+  )
+
+  # U-Net on given x_t, time and context maps.
+  ctx_in = [jnp.asarray(_nhwc(inputs[f"unet_ctx_{i}"])) for i in range(4)]
+  out = denoise(
+    p,
+    jnp.asarray(_nhwc(inputs["unet_x"])),
+    jnp.asarray(inputs["unet_time"]),
+    ctx_in,
+  )
+  table.add("unet", "unet(x_t, t, ctx)", out, _nhwc(ref["unet_out"]))
+
+  for k, (_, h, w, steps) in enumerate(SETS):
+    tag = f"[{k}:{h}x{w}]"
+    x = jnp.asarray(_nhwc(inputs[f"images_{k}"]))
+    res = compress(p, x)
+    for name, key in (("y_hat", "q_latent"), ("z_hat", "q_hyper_latent")):
+      ours, theirs = np.asarray(res[key]), _nhwc(ref[f"{name}_{k}"])
+      flips = int(np.sum(np.abs(ours - theirs) > 0.5))
+      table.add(name, f"{name} {tag}", ours, theirs, f"round flips {flips}")
+    for i in range(4):
+      table.add(
+        "context",
+        f"context c{i} {tag}",
+        res["output"][i],
+        _nhwc(ref[f"ctx_{k}_{i}"]),
+      )
+    table.add("bpp", f"bpp eval {tag}", res["bpp"], ref[f"bpp_{k}"])
+
+    init = jnp.asarray(_nhwc(inputs[f"init_{k}"]))
+    for s in steps:
+      rec, bpp = sampler.reconstruct(params, x, init, s)
+      ref_rec = _nhwc(ref[f"ddim_{k}_{s}"])
+      note = f"max|ref| {np.abs(ref_rec).max():.3g}"
+      table.add("ddim", f"ddim S={s} {tag}", rec, ref_rec, note)
+      table.add("bpp", f"ddim bpp S={s} {tag}", bpp, ref[f"ddim_bpp_{k}_{s}"])
+
+    t = jnp.asarray(inputs[f"t_{k}"])
+    uz = _nhwc(inputs[f"rz_{k}"]) - np.float32(0.5)
+    uy = _nhwc(inputs[f"ry_{k}"]) - np.float32(0.5)
+    eps = jnp.asarray(_nhwc(inputs[f"eps_{k}"]))
+    aux = loss_fn(params, x, t, eps, (jnp.asarray(uz), jnp.asarray(uy)))
+    note = f"t={inputs[f't_{k}'].tolist()}"
+    ref_bpp = np.mean(ref[f"train_bpp_{k}"].astype(np.float64))
+    table.add("loss", f"train mean bpp {tag}", aux["bpp"], ref_bpp, note)
+    table.add("loss", f"loss {tag}", aux["loss"], ref[f"loss_{k}"], note)
+    table.add("loss", f"extra loss {tag}", aux["extra_loss"], ref[f"extra_{k}"])
+
+  report = table.render()
+  report += (
+    f"\n(source weights: {conv.source}; reference {t_ref:.1f} s, "
+    f"ours {time.perf_counter() - t0 - t_ref:.1f} s)"
+  )
+  print("\n" + report)
+  if os.environ.get("PARITY_REPORT"):
+    with open(os.environ["PARITY_REPORT"], "a") as f:
+      f.write(report + "\n\n")
+  table.source = conv.source
+  return table
+
+
+def _check(table: _Table, group: str):
+  bad = table.failures(group)
+  assert not bad, f"{table.family} {group} out of tolerance:\n" + "\n".join(
+    f"  {r[1]}: {r[2]} error {r[3]:.3g} > {r[4]:.0e} {r[6]}" for r in bad
+  )
+
+
+def test_converter_picks_released_weights(parity):
+  # The x checkpoint's online weights differ; the EMA ones are the release.
+  assert parity.source == ("model" if parity.family == "eps" else "ema")
+
+
+def test_compressor(parity):
+  for group in ("y_hat", "z_hat", "context", "bpp"):
+    _check(parity, group)
+
+
+def test_unet(parity):
+  _check(parity, "unet")
+
+
+def test_ddim_decode(parity):
+  _check(parity, "ddim")
+
+
+def test_training_loss(parity):
+  _check(parity, "loss")
