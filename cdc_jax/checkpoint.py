@@ -109,6 +109,7 @@ def export_model(
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-model-", dir=parent)
   try:
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
     np.savez(os.path.join(tmp, "params.npz"), **flat)
     if tables is not None:

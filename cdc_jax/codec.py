@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from cdc_jax import bitstream, checkpoint, data, diffusion, metrics
+from cdc_jax.models import cdc as cdc_lib
 from cdc_jax.models.analysis import DOWNSAMPLING_FACTOR
 from cdc_jax.models.cdc import CDC
 from cdc_jax.models.entropy import gaussian_likelihood
@@ -183,9 +184,7 @@ def _load_uncached(path: str) -> CodecModel:
       f"{path}: neither a model directory (model.json) nor a training "
       "workdir (config.json + checkpoints/)"
     )
-  model = CDC(
-    **{k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.items()}
-  )
+  model = cdc_lib.from_config(model_cfg)
   params = jax.tree.map(jnp.asarray, params)
   if tables is None:
     tables = build_entropy_tables(model, params)

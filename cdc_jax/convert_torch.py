@@ -677,13 +677,9 @@ def convert_checkpoint(
 def entropy_tables(conv: Converted) -> dict[str, np.ndarray]:
   """The codec's integer coding tables for converted weights."""
   from cdc_jax import codec
-  from cdc_jax.models.cdc import CDC
+  from cdc_jax.models.cdc import from_config
 
-  cfg = {
-    k: tuple(v) if isinstance(v, list) else v
-    for k, v in conv.model_config.items()
-  }
-  return codec.build_entropy_tables(CDC(**cfg), conv.params)
+  return codec.build_entropy_tables(from_config(conv.model_config), conv.params)
 
 
 def convert_file(

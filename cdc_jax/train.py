@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cdc_jax import checkpoint, data, diffusion, metrics
+from cdc_jax.models import cdc as cdc_lib
 from cdc_jax.models.cdc import CDC
 from cdc_jax.sample import Sampler, initial_noise
 
@@ -129,11 +130,7 @@ def ema_update(ema, params, step, ec: ml_collections.ConfigDict):
 
 
 def make_model(config) -> CDC:
-  kw = dict(config.model)
-  for k, v in kw.items():
-    if isinstance(v, list):
-      kw[k] = tuple(v)
-  return CDC(**kw)
+  return cdc_lib.from_config(dict(config.model))
 
 
 def make_schedule(config) -> diffusion.Schedule:

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from cdc_jax import checkpoint, convert_torch, diffusion, train
-from cdc_jax.models.cdc import CDC
+from cdc_jax.models.cdc import CDC, from_config
 from cdc_jax.sample import Sampler
 
 CDC_REF = os.environ.get("CDC_REF", "")
@@ -210,12 +210,7 @@ def parity(request, tmp_path_factory):
   conv, _ = convert_torch.convert_file(ckpt, str(tmp / "model"), family)
   loaded = checkpoint.load_model(str(tmp / "model"))
   assert loaded.diffusion_config == convert_torch.RELEASE_DIFFUSION[family]
-  # JSON lists -> tuples (as cdc_jax.codec does): a hashable module.
-  cfg = {
-    k: tuple(v) if isinstance(v, list) else v
-    for k, v in loaded.model_config.items()
-  }
-  model = CDC(**cfg)
+  model = from_config(loaded.model_config)
   params = jax.tree.map(jnp.asarray, loaded.params)
   dcfg = loaded.diffusion_config
   sched = diffusion.make_schedule(dcfg["schedule"], dcfg["timesteps"])

@@ -13,7 +13,7 @@ cosine T=8193, min(SNR,5)-weighted L2 on x0). The param tree is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -100,3 +100,10 @@ class CDC(nn.Module):
 
   def z_logits_cdf(self, u):
     return self.context_fn.z_logits_cdf(u)
+
+
+def from_config(config: Mapping) -> CDC:
+  """CDC from a config section or a model.json dict (lists -> tuples, so
+  the module stays hashable for jit)."""
+  kw = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+  return CDC(**kw)
