@@ -79,6 +79,12 @@ class Sampler:
 
 
 def initial_noise(seed: int, shape, gamma: float):
-  """x_T = gamma * N(0, I) from an integer seed (stored in the bitstream)."""
+  """x_T = gamma * N(0, I) from a 64-bit seed (stored in the bitstream).
+
+  The low 32 bits make the key, the high 32 bits are folded in, so every
+  64-bit seed gives its own noise.
+  """
+  seed = int(seed)
   key = jax.random.key(np.uint32(seed & 0xFFFFFFFF))
+  key = jax.random.fold_in(key, np.uint32((seed >> 32) & 0xFFFFFFFF))
   return gamma * jax.random.normal(key, shape, jnp.float32)

@@ -1,0 +1,367 @@
+"""Speed and size of the cdc_jax codec on one 768x512 photo.
+
+  python benchmarks/codec.py --config configs/eps_linear.py:tiny
+  python benchmarks/codec.py --config configs/eps_linear.py --steps 1,2
+  python benchmarks/codec.py --model MODEL_DIR [--steps 1,17,65]
+
+``--model`` takes a model directory (or training workdir) as the codec
+does; ``--config`` builds a randomly initialised model from a config file
+(``path[:variant]``) and its entropy tables. Random-init entropy models
+give almost only zero y symbols (sigma sits at its 0.1 floor) and the few
++-1 cost 16 to 30 bits each: meaningless rates. ``--calibrate`` rescales
+the last layers of g_a, h_a and h_s on the benchmark image so that the
+latents and scales have trained-like magnitudes (about 0.2 bpp for
+configs' tiny variants, 0.5 bpp at full size, where z's 256 channels cost
+0.3 bpp), which makes the entropy-coding throughput and the size
+overheads meaningful.
+
+The image is ``skimage.data.coffee()`` (600x400), resized with Lanczos to
+768x512 (same aspect ratio, nothing cropped), or ``--image PATH`` resized
+to cover ``--size`` and centre-cropped.
+
+Measured (medians of ``--repeats`` runs after a warm-up, with
+``block_until_ready``): encode (analysis g_a, h_a, h_s on the device; range
+coding on the host; ``codec.compress_image`` end to end), entropy coding
+throughput (z and y symbols per second, table indexes included), the
+ahead-of-time lower and compile time of the decode loop (g_s + DDIM scan)
+per S, its run time in total and per step, and the file size against the
+model's float estimate and the integer-table estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cdc_jax import bitstream, checkpoint, codec, metrics  # noqa: E402
+from cdc_jax.models.cdc import CDC  # noqa: E402
+from cdc_jax.sample import initial_noise  # noqa: E402
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("_bench_config", path)
+  if mod_spec is None or mod_spec.loader is None:
+    raise SystemExit(f"{path}: not a config file")
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def model_from_config(spec: str, seed: int):
+  """Random-init CDC of a config: (model, model_cfg, diffusion_cfg, params)."""
+  config = load_config(spec)
+  model_cfg = {
+    k: list(v) if isinstance(v, tuple) else v
+    for k, v in dict(config.model).items()
+  }
+  diffusion_cfg = {
+    "schedule": config.diffusion.schedule,
+    "timesteps": int(config.diffusion.timesteps),
+  }
+  model = CDC(
+    **{k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.items()}
+  )
+  params = jax.jit(model.init)(
+    jax.random.key(seed), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 1))
+  )["params"]
+  return model, model_cfg, diffusion_cfg, jax.device_get(params)
+
+
+LIVE_CHANNELS = 16
+DEAD_SCALE = 0.1
+
+
+def calibrate(model, params, img):
+  """Rescales the last layers of g_a, h_a, h_s (see the module docstring).
+
+  16 channels of y get std s_c (log-spaced 0.3..8) about a mean that mu
+  predicts, the others ("dead", as in trained models) std 0.1; sigma =
+  s_c +- 20 %; z gets std 2 about its channel medians. y costs about
+  0.2 bpp whatever the width: 16 live channels at 1/256 of the pixels.
+  """
+  p = jax.tree.map(np.array, params)
+  cf = p["context_fn"]
+  axes = (0, 1, 2)
+
+  fns = {}
+
+  def run(method, v):
+    if method not in fns:
+      fns[method] = jax.jit(functools.partial(model.apply, method=method))
+    return jax.tree.map(np.asarray, fns[method]({"params": p}, v))
+
+  enc = sorted(k for k in cf if k.startswith("enc_"))
+  last_enc = cf[enc[-1]]["conv"]
+  x = jnp.asarray(metrics.to_float(img))[None]
+  y = run(CDC.g_a, x)
+  c = y.shape[-1]
+  live = min(c, LIVE_CHANNELS)
+  target = np.concatenate(
+    [np.geomspace(0.3, 8.0, live), np.full(c - live, DEAD_SCALE)]
+  )
+  gain = target / (y.std(axis=axes) + 1e-6)
+  last_enc["kernel"] *= gain
+  last_enc["bias"] *= gain
+  y = run(CDC.g_a, x)
+  z = run(CDC.h_a, y)
+  gain = 2.0 / (z.std(axis=axes) + 1e-6)
+  cf["hyper_enc_2_0"]["kernel"] *= gain
+  cf["hyper_enc_2_0"]["bias"] *= gain
+  z = run(CDC.h_a, y)
+  med = np.median(z, axis=axes).astype(np.float32)
+  cf["prior"]["medians"][:] = med
+  last = cf["hyper_dec_2_0"]
+  last["bias"][c:] = 1e4  # keep the raw scale above the 0.1 clamp
+  mu, s = run(CDC.h_s, np.round(z - med) + med)
+  s = s - 1e4
+  g_mu = 0.25 * target / (mu.std(axis=axes) + 1e-6)
+  g_s = 0.2 * target / (s.std(axis=axes) + 1e-6)
+  last["kernel"] *= np.concatenate([g_mu, g_s])
+  last["bias"][:c] = y.mean(axis=axes) - g_mu * mu.mean(axis=axes)
+  last["bias"][c:] = target - g_s * s.mean(axis=axes)
+  return p
+
+
+def fit(img: np.ndarray, h: int, w: int) -> np.ndarray:
+  """Resize to cover h x w (Lanczos), then centre-crop."""
+  ih, iw, _ = img.shape
+  scale = max(h / ih, w / iw)
+  rh, rw = max(h, round(ih * scale)), max(w, round(iw * scale))
+  im = Image.fromarray(img).resize((rw, rh), Image.LANCZOS)
+  top, left = (rh - h) // 2, (rw - w) // 2
+  return np.asarray(im)[top : top + h, left : left + w]
+
+
+def median_time(fn, repeats: int, warmup: bool = True) -> float:
+  if warmup:  # eager ops compile on their first call with a new shape
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def fmt_time(s: float) -> str:
+  return f"{s * 1e3:.1f} ms" if abs(s) < 1 else f"{s:.2f} s"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--model", help="model directory or training workdir")
+  src.add_argument(
+    "--config",
+    help="config file[:variant] for a random-init model, e.g. "
+    "configs/eps_linear.py:tiny",
+  )
+  p.add_argument("--steps", default="1,17,65", help="decode steps S, a list")
+  p.add_argument("--image", help="an image file (default: skimage coffee)")
+  p.add_argument("--size", default="512x768", help="H x W (default 512x768)")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+  p.add_argument("--seed", type=int, default=0, help="init seed (--config)")
+  p.add_argument(
+    "--calibrate",
+    action="store_true",
+    help="rescale the entropy model's last layers (see above)",
+  )
+  args = p.parse_args(argv)
+  if args.model and args.calibrate:
+    p.error("--calibrate applies to --config models only")
+  steps_list = [int(s) for s in args.steps.split(",")]
+  h, w = (int(v) for v in args.size.lower().split("x"))
+
+  if args.image:
+    raw = np.asarray(Image.open(args.image).convert("RGB"))
+    img_desc = f"{args.image} ({raw.shape[1]}x{raw.shape[0]})"
+  else:
+    import skimage.data
+
+    raw = skimage.data.coffee()
+    img_desc = f"skimage.data.coffee ({raw.shape[1]}x{raw.shape[0]})"
+  img = fit(raw, h, w)
+  img_desc += f", Lanczos-resized/centre-cropped to {w}x{h}"
+
+  t = time.perf_counter()
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.config:
+      model, model_cfg, diff_cfg, params = model_from_config(
+        args.config, args.seed
+      )
+      if args.calibrate:
+        params = calibrate(model, params, img)
+      tables = codec.build_entropy_tables(model, params)
+      model_dir = os.path.join(tmp, "model")
+      checkpoint.export_model(model_dir, model_cfg, diff_cfg, params, tables)
+      model_desc = f"{args.config} (random init, seed {args.seed})"
+    else:
+      model_dir = args.model
+      model_desc = args.model
+    cm = codec.load(model_dir)
+  setup_s = time.perf_counter() - t
+  if args.calibrate:
+    model_desc += ", calibrated entropy model"
+  n_params = sum(int(np.size(a)) for a in jax.tree.leaves(cm.params))
+
+  dev = jax.devices()[0]
+  print(
+    f"backend {jax.default_backend()}, device {dev.device_kind} "
+    f"({len(jax.devices())}x), jax {jax.__version__}, {os.cpu_count()} CPUs, "
+    f"load average {os.getloadavg()[0]:.1f}"
+  )
+  print(
+    f"model {model_desc}: family {cm.family}, {n_params / 1e6:.2f} M params"
+  )
+  print(f"image {img_desc}")
+  print(f"setup (init, tables, export, load) {fmt_time(setup_s)}")
+
+  # -- encode --------------------------------------------------------------
+  s0 = steps_list[0]
+  t = time.perf_counter()
+  res = codec.compress_image(cm, img, steps=s0)
+  first_encode = time.perf_counter() - t
+  encode_s = median_time(
+    lambda: codec.compress_image(cm, img, steps=s0), args.repeats
+  )
+  x = jnp.asarray(metrics.to_float(codec.pad_image(img)))[None]
+
+  def analysis():
+    y, z_sym = cm._analyze(cm.params, x)
+    return y, z_sym, *cm._hyper(cm.params, z_sym)
+
+  analysis_s = median_time(analysis, args.repeats)
+  y, z_sym, mu, sigma = (np.asarray(a) for a in analysis())
+  y_sym = np.rint(y - mu).astype(np.int32)
+  n_sym = z_sym.size + y_sym.size
+
+  def entropy_encode():
+    enc = bitstream.Encoder()
+    enc.encode(z_sym, bitstream.channel_indexes(z_sym.shape), cm.z_tables)
+    idx = bitstream.scale_indexes(sigma, cm.scale_table)
+    enc.encode(y_sym, idx, cm.y_tables)
+    return enc.get_words()
+
+  words = entropy_encode()
+
+  def entropy_decode():
+    dec = bitstream.Decoder(words)
+    z = dec.decode(bitstream.channel_indexes(z_sym.shape), cm.z_tables)
+    idx = bitstream.scale_indexes(sigma, cm.scale_table)
+    return z, dec.decode(idx, cm.y_tables)
+
+  z_dec, y_dec = entropy_decode()
+  assert np.array_equal(z_dec, z_sym) and np.array_equal(y_dec, y_sym)
+  ent_enc_s = median_time(entropy_encode, max(args.repeats, 5))
+  ent_dec_s = median_time(entropy_decode, max(args.repeats, 5))
+
+  header, stream = codec._parse(cm, res.data)
+  # The decoder's host side: entropy decode with the hyper-decoder between
+  # z and y, and y_hat = y_sym + mu.
+  decode_entropy_s = median_time(
+    lambda: codec._entropy_decode(cm, header, stream), args.repeats
+  )
+
+  # -- size ----------------------------------------------------------------
+  int_bits = bitstream.estimate_bits(
+    z_sym, bitstream.channel_indexes(z_sym.shape), cm.z_tables
+  ) + bitstream.estimate_bits(
+    y_sym, bitstream.scale_indexes(sigma, cm.scale_table), cm.y_tables
+  )
+  payload_bits = 8 * len(stream)
+  file_bits = 8 * len(res.data)
+  rows = [
+    ("encode: analysis g_a+h_a+h_s (device)", fmt_time(analysis_s)),
+    (
+      "encode: range coding (host)",
+      f"{fmt_time(ent_enc_s)}, {n_sym / ent_enc_s / 1e6:.2f} M symbols/s",
+    ),
+    (
+      "encode: compress_image total",
+      f"{fmt_time(encode_s)} (first call, compiles: {fmt_time(first_encode)})",
+    ),
+    (
+      "decode: range decoding (host)",
+      f"{fmt_time(ent_dec_s)}, {n_sym / ent_dec_s / 1e6:.2f} M symbols/s",
+    ),
+    ("decode: entropy decode incl. h_s", fmt_time(decode_entropy_s)),
+    ("symbols", f"{z_sym.size} z + {y_sym.size} y"),
+    (
+      "file",
+      f"{len(res.data)} B ({len(res.data) - len(stream)} B header), "
+      f"{res.bpp:.4f} bpp",
+    ),
+    (
+      "model float estimate",
+      f"{res.estimated_bits:.0f} bits, {res.estimated_bpp:.4f} bpp",
+    ),
+    (
+      "file over float estimate",
+      f"{100 * (file_bits / res.estimated_bits - 1):+.2f} % (payload only "
+      f"{100 * (payload_bits / res.estimated_bits - 1):+.2f} %)",
+    ),
+    (
+      "file over integer-table estimate",
+      f"{100 * (file_bits / int_bits - 1):+.2f} % (payload only "
+      f"{100 * (payload_bits / int_bits - 1):+.2f} %, {int_bits:.0f} bits)",
+    ),
+  ]
+  width = max(len(r[0]) for r in rows)
+  print()
+  for name, value in rows:
+    print(f"{name:<{width}}  {value}")
+
+  # -- decode loop per S -----------------------------------------------------
+  y_hat = codec._entropy_decode(cm, header, stream)
+  hp, wp = codec.padded_size(h, w)
+  x_init = initial_noise(header.seed, (1, hp, wp, 3), header.gamma)
+  print(
+    f"\ndecode loop (g_s + DDIM scan, batch 1, {wp}x{hp}); decode total = "
+    "entropy decode + loop"
+  )
+  cols = ("S", "lower", "compile", "loop", "per step", "decode total")
+  print("{:>5} {:>10} {:>10} {:>10} {:>10} {:>13}".format(*cols))
+  loops = {}
+  for s in steps_list:
+    tables = cm.sampler.tables(s)
+    call_args = (cm.params, y_hat, x_init, *tables)
+    t = time.perf_counter()
+    lowered = cm.sampler._from_latent.lower(*call_args)
+    lower_s = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t
+    loop_s = median_time(lambda c=compiled, a=call_args: c(*a), args.repeats)
+    loops[s] = loop_s
+    print(
+      f"{s:>5} {fmt_time(lower_s):>10} {fmt_time(compile_s):>10} "
+      f"{fmt_time(loop_s):>10} {fmt_time(loop_s / s):>10} "
+      f"{fmt_time(loop_s + decode_entropy_s):>13}"
+    )
+  if len(loops) >= 2:
+    (s1, t1), (s2, t2) = min(loops.items()), max(loops.items())
+    if s2 > s1:
+      slope = (t2 - t1) / (s2 - s1)
+      print(
+        f"per step from the S={s1} and S={s2} loops: {fmt_time(slope)} "
+        f"(the rest, g_s and loop setup: {fmt_time(t1 - s1 * slope)})"
+      )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
