@@ -75,6 +75,25 @@ def main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl's parser, with config errors (unknown keys, bad values, unknown
+  variants) reported as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - any parse error is a user error
+    # KeyError messages arrive repr-quoted with escaped newlines.
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    lines = [ln.strip(" '\"") for ln in text.splitlines() if ln.strip()]
+    if "Traceback" in text:  # an exception inside the config file
+      lines = lines[-1:]
+    print(f"error: {': '.join(lines) or type(e).__name__}", file=sys.stderr)
+    print(
+      "see --help; config fields: --config.<section>.<field>=value",
+      file=sys.stderr,
+    )
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

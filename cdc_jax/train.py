@@ -206,7 +206,7 @@ def train_step(
   aux = dict(aux)
   aux["lam"] = lam
   aux["lr"] = lr_schedule(tc)(state.step)
-  aux["grad_norm"] = optax.global_norm(grads)
+  aux["grad_norm"] = optax.tree.norm(grads)
   new = TrainState(state.step + 1, params, opt_state, ema, lam)
   new = jax.tree.map(_keep_dtype, new, state)
   return new, aux
@@ -222,14 +222,23 @@ def model_latent_channels(model: CDC) -> int:
 
 
 def init_state(config, model: CDC, tx, rng) -> TrainState:
-  size = 64
-  x = jnp.zeros((1, size, size, 3), jnp.float32)
-  params = model.init(rng, x, jnp.zeros((1, 1)))["params"]
-  ema = params if config.train.ema.enabled else None
+  """A fresh state; one jitted init (eager init of 50M params dispatches
+  thousands of small ops, minutes on a GPU)."""
+
+  @jax.jit
+  def init(rng):
+    x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    params = model.init(rng, x, jnp.zeros((1, 1)))["params"]
+    return params, tx.init(params)
+
+  params, opt_state = init(rng)
+  # A copy, not the same arrays: the jitted step donates the state, and
+  # donating one buffer twice crashes the runtime.
+  ema = jax.tree.map(jnp.copy, params) if config.train.ema.enabled else None
   return TrainState(
     jnp.zeros((), jnp.int32),
     params,
-    tx.init(params),
+    opt_state,
     ema,
     jnp.zeros((), jnp.float32),
   )
@@ -390,7 +399,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"{tc.init_from}: its parameters do not fit this config's model "
           "(different family or sizes); use the matching config"
         )
-      ema = params if state.ema_params is not None else None
+      ema = None
+      if state.ema_params is not None:
+        ema = jax.tree.map(jnp.copy, params)  # distinct buffers (donation)
       state = TrainState(state.step, params, tx.init(params), ema, state.lam)
       origin = f"init_from {tc.init_from}"
   state = jax.device_put(state, state_sharding)
