@@ -279,6 +279,7 @@ def parity(request, tmp_path_factory):
     with open(os.environ["PARITY_REPORT"], "a") as f:
       f.write(report + "\n\n")
   table.source = conv.source
+  table.model_dir = str(tmp / "model")
   return table
 
 
@@ -309,3 +310,27 @@ def test_ddim_decode(parity):
 
 def test_training_loss(parity):
   _check(parity, "loss")
+
+
+def test_converted_checkpoint_through_codec_cli(parity, tmp_path, capsys):
+  # The converted original checkpoint is a model directory the codec CLI
+  # takes: an odd-sized photo round-trips to a PNG of its size.
+  from PIL import Image
+  from skimage import data as skdata
+
+  from cdc_jax import codec
+
+  src = tmp_path / "in.png"
+  Image.fromarray(skdata.astronaut()[100:150, 200:270]).save(src)
+  cdcj, out = tmp_path / "in.cdcj", tmp_path / "out.png"
+  model = parity.model_dir
+  assert (
+    codec.main(
+      ["compress", "--model", model, "--steps", "2", str(src), str(cdcj)]
+    )
+    == 0
+  )
+  assert "bpp" in capsys.readouterr().out
+  assert codec.main(["decompress", "--model", model, str(cdcj), str(out)]) == 0
+  img = np.asarray(Image.open(out))
+  assert img.shape == (50, 70, 3) and img.dtype == np.uint8
