@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
 import statistics
 import sys
@@ -49,21 +48,12 @@ from PIL import Image  # noqa: E402
 from cdc_jax import bitstream, checkpoint, codec, metrics  # noqa: E402
 from cdc_jax.models.cdc import CDC  # noqa: E402
 from cdc_jax.sample import initial_noise  # noqa: E402
-
-
-def load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("_bench_config", path)
-  if mod_spec is None or mod_spec.loader is None:
-    raise SystemExit(f"{path}: not a config file")
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+from configs import common  # noqa: E402
 
 
 def model_from_config(spec: str, seed: int):
   """Random-init CDC of a config: (model, model_cfg, diffusion_cfg, params)."""
-  config = load_config(spec)
+  config = common.load_config(spec)
   model_cfg = {
     k: list(v) if isinstance(v, tuple) else v
     for k, v in dict(config.model).items()

@@ -15,7 +15,6 @@ backend reports it, else the process's max RSS.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import resource
 import statistics
@@ -28,16 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cdc_jax import train  # noqa: E402
-
-
-def load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("_bench_config", path)
-  if mod_spec is None or mod_spec.loader is None:
-    raise SystemExit(f"{path}: not a config file")
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+from configs import common  # noqa: E402
 
 
 def peak_memory() -> str:
@@ -57,7 +47,7 @@ def main():
   p.add_argument("--dtype", default=None, help="model compute dtype")
   args = p.parse_args()
 
-  config = load_config(args.config)
+  config = common.load_config(args.config)
   with config.unlocked():
     if args.batch:
       config.train.batch_size = args.batch

@@ -9,7 +9,20 @@ each a preset (``tiny``) or ``key=value`` for a few shortcuts
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/x.py:variant' -> its config, outside absl (benchmarks)."""
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("_cdc_config", path)
+  if mod_spec is None or mod_spec.loader is None:
+    raise SystemExit(f"{path}: not a config file")
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
