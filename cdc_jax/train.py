@@ -441,17 +441,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   last = {}
   t0, n0 = time.time(), start
   try:
+    pending = None  # (step, loss on device): checked one step late
     for step in range(start, tc.num_steps):
       local = next(loader)
       batch = jax.make_array_from_process_local_data(batch_sharding, local)
       state, m = step_fn(state, batch)
-      loss = float(m["loss"])
-      if not math.isfinite(loss):
-        raise TrainingError(
-          f"loss became {loss} at step {step}; last checkpoint: "
-          f"{manager.latest_step()}. Lower train.lr or check the data."
-        )
+      # The previous step's loss is ready by now: checking it does not
+      # stall the device, which already runs this step.
+      _check_finite(pending, manager)
+      pending = (step, m["loss"])
       done = step + 1
+      is_ckpt = done % config.log.checkpoint_every == 0 or done == tc.num_steps
+      if is_ckpt or done % config.log.eval_every == 0:
+        _check_finite(pending, manager)  # never save or show a NaN state
       if done % config.log.log_every == 0 or done == tc.num_steps:
         last = {k: float(v) for k, v in jax.device_get(m).items()}
         rate = (done - n0) / max(time.time() - t0, 1e-9)
@@ -469,7 +471,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           )
       if bar is not None:
         bar.update(1)
-      if done % config.log.checkpoint_every == 0 or done == tc.num_steps:
+      if is_ckpt:
         manager.save(done, args=_save_args(state), force=True)
       if done % config.log.eval_every == 0 or done == tc.num_steps:
         rec, bpp, psnr = reconstruct(
@@ -507,6 +509,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(last, f, indent=2)
   return last
+
+
+def _check_finite(pending, manager):
+  if pending is None:
+    return
+  step, loss = pending
+  loss = float(loss)
+  if not math.isfinite(loss):
+    raise TrainingError(
+      f"loss became {loss} at step {step}; last checkpoint: "
+      f"{manager.latest_step()}. Lower train.lr or check the data."
+    )
 
 
 def _save_args(state):
