@@ -185,8 +185,9 @@ def train_step(
   timesteps = sched_arrays[0].shape[0]
   kt, kz, ky, kn = jax.random.split(jax.random.fold_in(rng, state.step), 4)
   t = jax.random.randint(kt, (b,), 0, timesteps)
-  zshape = (b, h // 64, w // 64, model_latent_channels(model))
-  yshape = (b, h // 16, w // 16, model_latent_channels(model))
+  y_ch, z_ch = latent_channels(model)
+  zshape = (b, h // 64, w // 64, z_ch)
+  yshape = (b, h // 16, w // 16, y_ch)
   rate_noise = (
     jax.random.uniform(kz, zshape, jnp.float32, -0.5, 0.5),
     jax.random.uniform(ky, yshape, jnp.float32, -0.5, 0.5),
@@ -217,8 +218,12 @@ def _keep_dtype(new, old):
   return jnp.asarray(new, old.dtype)
 
 
-def model_latent_channels(model: CDC) -> int:
-  return model.dim * model.context_dim_mults[-1]
+def latent_channels(model: CDC) -> tuple[int, int]:
+  """Channels of y (last g_a stage) and of z (last h_a stage)."""
+  return (
+    model.dim * model.context_dim_mults[-1],
+    model.dim * model.hyper_dims_mults[-1],
+  )
 
 
 def init_state(config, model: CDC, tx, rng) -> TrainState:

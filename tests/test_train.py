@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from cdc_jax import checkpoint, data, train
+from cdc_jax.models.cdc import CDC
 from cdc_jax.train import TrainingError
 from configs import common, x_cosine
 
@@ -432,3 +433,19 @@ def test_main_user_error_is_one_line(tmp_path, override, expect):
   lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
   errors = [ln for ln in lines if "error" in ln.lower()]
   assert len(errors) == 1 and expect in errors[0], res.stderr
+
+
+def test_rate_noise_shapes_follow_the_model():
+  # y and z widths differ when hyper_dims_mults does not end in the last
+  # context mult; the train step's rate noise must match both.
+  model = CDC(family="eps", dim=4, hyper_dims_mults=(2, 2, 2))
+  x = jnp.zeros((1, 64, 128, 3))
+  out = jax.eval_shape(
+    lambda: model.init_with_output(
+      jax.random.key(0), x, method=CDC.compress_context
+    )[0]
+  )
+  y_ch, z_ch = train.latent_channels(model)
+  assert out["q_latent"].shape == (1, 4, 8, y_ch)
+  assert out["q_hyper_latent"].shape == (1, 1, 2, z_ch)
+  assert y_ch != z_ch
