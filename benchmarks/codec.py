@@ -9,11 +9,12 @@ does; ``--config`` builds a randomly initialised model from a config file
 (``path[:variant]``) and its entropy tables. Random-init entropy models
 give almost only zero y symbols (sigma sits at its 0.1 floor) and the few
 +-1 cost 16 to 30 bits each: meaningless rates. ``--calibrate`` rescales
-the last layers of g_a, h_a and h_s on the benchmark image so that the
-latents and scales have trained-like magnitudes (about 0.2 bpp for
-configs' tiny variants, 0.5 bpp at full size, where z's 256 channels cost
-0.3 bpp), which makes the entropy-coding throughput and the size
-overheads meaningful.
+the last layers of g_a, h_a and h_s on the benchmark image
+(``cdc_jax.testing.calibrate_entropy_model``) so that the latents and
+scales have trained-like magnitudes (about 0.2 bpp for configs' tiny
+variants, 0.5 bpp at full size, where z's 256 channels cost 0.3 bpp),
+which makes the entropy-coding throughput and the size overheads
+meaningful.
 
 The image is ``skimage.data.coffee()`` (600x400), resized with Lanczos to
 768x512 (same aspect ratio, nothing cropped), or ``--image PATH`` resized
@@ -45,8 +46,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cdc_jax import bitstream, checkpoint, codec, metrics  # noqa: E402
-from cdc_jax.models.cdc import CDC  # noqa: E402
+from cdc_jax import codec, model_dir, testing  # noqa: E402
+from cdc_jax.coding import range_coder  # noqa: E402
+from cdc_jax.coding import tables as coding_tables  # noqa: E402
+from cdc_jax.eval import metrics  # noqa: E402
+from cdc_jax.imageio import to_float  # noqa: E402
+from cdc_jax.models.cdc import from_config, init_params, to_config  # noqa: E402
 from cdc_jax.sample import initial_noise  # noqa: E402
 from configs import common  # noqa: E402
 
@@ -54,76 +59,15 @@ from configs import common  # noqa: E402
 def model_from_config(spec: str, seed: int):
   """Random-init CDC of a config: (model, model_cfg, diffusion_cfg, params)."""
   config = common.load_config(spec)
-  model_cfg = {
-    k: list(v) if isinstance(v, tuple) else v
-    for k, v in dict(config.model).items()
-  }
+  model_cfg = to_config(config.model)
   diffusion_cfg = {
     "schedule": config.diffusion.schedule,
     "timesteps": int(config.diffusion.timesteps),
   }
-  model = CDC(
-    **{k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.items()}
-  )
-  params = jax.jit(model.init)(
-    jax.random.key(seed), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 1))
-  )["params"]
-  return model, model_cfg, diffusion_cfg, jax.device_get(params)
-
-
-LIVE_CHANNELS = 16
-DEAD_SCALE = 0.1
-
-
-def calibrate(model, params, img):
-  """Rescales the last layers of g_a, h_a, h_s (see the module docstring).
-
-  16 channels of y get std s_c (log-spaced 0.3..8) about a mean that mu
-  predicts, the others ("dead", as in trained models) std 0.1; sigma =
-  s_c +- 20 %; z gets std 2 about its channel medians. y costs about
-  0.2 bpp whatever the width: 16 live channels at 1/256 of the pixels.
-  """
-  p = jax.tree.map(np.array, params)
-  cf = p["context_fn"]
-  axes = (0, 1, 2)
-
-  fns = {}
-
-  def run(method, v):
-    if method not in fns:
-      fns[method] = jax.jit(functools.partial(model.apply, method=method))
-    return jax.tree.map(np.asarray, fns[method]({"params": p}, v))
-
-  enc = sorted(k for k in cf if k.startswith("enc_"))
-  last_enc = cf[enc[-1]]["conv"]
-  x = jnp.asarray(metrics.to_float(img))[None]
-  y = run(CDC.g_a, x)
-  c = y.shape[-1]
-  live = min(c, LIVE_CHANNELS)
-  target = np.concatenate(
-    [np.geomspace(0.3, 8.0, live), np.full(c - live, DEAD_SCALE)]
-  )
-  gain = target / (y.std(axis=axes) + 1e-6)
-  last_enc["kernel"] *= gain
-  last_enc["bias"] *= gain
-  y = run(CDC.g_a, x)
-  z = run(CDC.h_a, y)
-  gain = 2.0 / (z.std(axis=axes) + 1e-6)
-  cf["hyper_enc_2_0"]["kernel"] *= gain
-  cf["hyper_enc_2_0"]["bias"] *= gain
-  z = run(CDC.h_a, y)
-  med = np.median(z, axis=axes).astype(np.float32)
-  cf["prior"]["medians"][:] = med
-  last = cf["hyper_dec_2_0"]
-  last["bias"][c:] = 1e4  # keep the raw scale above the 0.1 clamp
-  mu, s = run(CDC.h_s, np.round(z - med) + med)
-  s = s - 1e4
-  g_mu = 0.25 * target / (mu.std(axis=axes) + 1e-6)
-  g_s = 0.2 * target / (s.std(axis=axes) + 1e-6)
-  last["kernel"] *= np.concatenate([g_mu, g_s])
-  last["bias"][:c] = y.mean(axis=axes) - g_mu * mu.mean(axis=axes)
-  last["bias"][c:] = target - g_s * s.mean(axis=axes)
-  return p
+  model = from_config(model_cfg)
+  init = jax.jit(functools.partial(init_params, model))
+  params = jax.tree.map(np.array, jax.device_get(init(jax.random.key(seed))))
+  return model, model_cfg, diffusion_cfg, params
 
 
 def fit(img: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -194,15 +138,14 @@ def main(argv=None) -> int:
         args.config, args.seed
       )
       if args.calibrate:
-        params = calibrate(model, params, img)
-      tables = codec.build_entropy_tables(model, params)
-      model_dir = os.path.join(tmp, "model")
-      checkpoint.export_model(model_dir, model_cfg, diff_cfg, params, tables)
+        params = testing.calibrate_entropy_model(model, params, img)
+      path = os.path.join(tmp, "model")
+      model_dir.export(path, model_cfg, diff_cfg, params)  # + tables
       model_desc = f"{args.config} (random init, seed {args.seed})"
     else:
-      model_dir = args.model
+      path = args.model
       model_desc = args.model
-    cm = codec.load(model_dir)
+    cm = codec.load(path)
   setup_s = time.perf_counter() - t
   if args.calibrate:
     model_desc += ", calibrated entropy model"
@@ -228,50 +171,47 @@ def main(argv=None) -> int:
   encode_s = median_time(
     lambda: codec.compress_image(cm, img, steps=s0), args.repeats
   )
-  x = jnp.asarray(metrics.to_float(codec.pad_image(img)))[None]
+  padded = codec.pad_image(img, cm.downsampling_factor)
+  x = jnp.asarray(to_float(padded))[None]
 
   def analysis():
-    y, z_sym = cm._analyze(cm.params, x)
-    return y, z_sym, *cm._hyper(cm.params, z_sym)
+    y, z_sym = cm.analyze(cm.params, x)
+    return y, z_sym, *cm.hyper(cm.params, z_sym)
 
   analysis_s = median_time(analysis, args.repeats)
-  y, z_sym, mu, sigma = (np.asarray(a) for a in analysis())
-  y_sym = np.rint(y - mu).astype(np.int32)
+  latents = codec.encode_latents(cm, x)
+  z_sym, y_sym, sigma = latents.z_sym, latents.y_sym, latents.sigma
   n_sym = z_sym.size + y_sym.size
+  z_idx = coding_tables.channel_indexes(z_sym.shape)
 
-  def entropy_encode():
-    enc = bitstream.Encoder()
-    enc.encode(z_sym, bitstream.channel_indexes(z_sym.shape), cm.z_tables)
-    idx = bitstream.scale_indexes(sigma, cm.scale_table)
-    enc.encode(y_sym, idx, cm.y_tables)
-    return enc.get_words()
+  def entropy_encode():  # table indexes included
+    return codec.entropy_encode(cm, latents)
 
   words = entropy_encode()
 
   def entropy_decode():
-    dec = bitstream.Decoder(words)
-    z = dec.decode(bitstream.channel_indexes(z_sym.shape), cm.z_tables)
-    idx = bitstream.scale_indexes(sigma, cm.scale_table)
+    dec = range_coder.Decoder(words)
+    z = dec.decode(z_idx, cm.z_tables)
+    idx = coding_tables.scale_indexes(sigma, cm.scale_table)
     return z, dec.decode(idx, cm.y_tables)
 
   z_dec, y_dec = entropy_decode()
-  assert np.array_equal(z_dec, z_sym) and np.array_equal(y_dec, y_sym)
+  assert np.array_equal(z_dec.reshape(z_sym.shape), z_sym)
+  assert np.array_equal(y_dec.reshape(y_sym.shape), y_sym)
   ent_enc_s = median_time(entropy_encode, max(args.repeats, 5))
   ent_dec_s = median_time(entropy_decode, max(args.repeats, 5))
 
-  header, stream = codec._parse(cm, res.data)
+  header, stream = codec.parse(cm, res.data)
   # The decoder's host side: entropy decode with the hyper-decoder between
   # z and y, and y_hat = y_sym + mu.
   decode_entropy_s = median_time(
-    lambda: codec._entropy_decode(cm, header, stream), args.repeats
+    lambda: codec.decode_latents(cm, header, stream), args.repeats
   )
 
   # -- size ----------------------------------------------------------------
-  int_bits = bitstream.estimate_bits(
-    z_sym, bitstream.channel_indexes(z_sym.shape), cm.z_tables
-  ) + bitstream.estimate_bits(
-    y_sym, bitstream.scale_indexes(sigma, cm.scale_table), cm.y_tables
-  )
+  y_idx = coding_tables.scale_indexes(sigma, cm.scale_table)
+  z_bits = range_coder.estimate_bits(z_sym, z_idx, cm.z_tables)
+  int_bits = z_bits + range_coder.estimate_bits(y_sym, y_idx, cm.y_tables)
   payload_bits = 8 * len(stream)
   file_bits = 8 * len(res.data)
   rows = [
@@ -293,7 +233,7 @@ def main(argv=None) -> int:
     (
       "file",
       f"{len(res.data)} B ({len(res.data) - len(stream)} B header), "
-      f"{res.bpp:.4f} bpp",
+      f"{metrics.bpp(len(res.data), h, w):.4f} bpp",
     ),
     (
       "model float estimate",
@@ -316,9 +256,11 @@ def main(argv=None) -> int:
     print(f"{name:<{width}}  {value}")
 
   # -- decode loop per S -----------------------------------------------------
-  y_hat = codec._entropy_decode(cm, header, stream)
-  hp, wp = codec.padded_size(h, w)
-  x_init = initial_noise(header.seed, (1, hp, wp, 3), header.gamma)
+  y_hat = codec.decode_latents(cm, header, stream)
+  hp, wp = codec.padded_size(h, w, cm.downsampling_factor)
+  x_init = initial_noise(
+    header.seed, (1, hp, wp, cm.model.channels), header.gamma
+  )
   print(
     f"\ndecode loop (g_s + DDIM scan, batch 1, {wp}x{hp}); decode total = "
     "entropy decode + loop"
@@ -327,10 +269,11 @@ def main(argv=None) -> int:
   print("{:>5} {:>10} {:>10} {:>10} {:>10} {:>13}".format(*cols))
   loops = {}
   for s in steps_list:
-    tables = cm.sampler.tables(s)
-    call_args = (cm.params, y_hat, x_init, *tables)
+    # decode_latent as one jitted program (its step tables constants).
+    loop = jax.jit(functools.partial(cm.sampler.decode_latent, steps=s))
+    call_args = (cm.params, y_hat, x_init)
     t = time.perf_counter()
-    lowered = cm.sampler._from_latent.lower(*call_args)
+    lowered = loop.lower(*call_args)
     lower_s = time.perf_counter() - t
     t = time.perf_counter()
     compiled = lowered.compile()

@@ -26,7 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cdc_jax import train  # noqa: E402
+from cdc_jax import sharding  # noqa: E402
+from cdc_jax.models.cdc import from_config  # noqa: E402
+from cdc_jax.optim import make_optimizer  # noqa: E402
+from cdc_jax.train_state import init_state  # noqa: E402
+from cdc_jax.train_step import make_train_step  # noqa: E402
 from configs import common  # noqa: E402
 
 
@@ -56,16 +60,17 @@ def main():
     if args.dtype:
       config.model.dtype = args.dtype
   b, s = config.train.batch_size, config.data.crop_size
-  mesh = train.make_mesh()
-  train.check_batch(b, mesh)
-  model = train.make_model(config)
-  tx = train.make_optimizer(config.train)
-  state = train.init_state(config, model, tx, jax.random.key(0))
+  mesh = sharding.make_mesh()
+  sharding.check_batch(b, mesh)
+  model = from_config(config.model)
+  tx = make_optimizer(config.train)
+  ema = config.train.ema.enabled
+  state = init_state(model, tx, jax.random.key(0), ema)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  sharding = train.replicated(mesh, state)
-  state = jax.device_put(state, sharding)
-  step_fn, batch_sharding = train.make_train_step(
-    config, model, tx, mesh, sharding
+  state_sharding = sharding.replicated(mesh, state)
+  state = jax.device_put(state, state_sharding)
+  step_fn, batch_sharding = make_train_step(
+    config, model, tx, mesh, state_sharding
   )
   rng = np.random.default_rng(0)
   batch = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)

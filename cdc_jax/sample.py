@@ -61,8 +61,8 @@ class Sampler:
     return self._loop_impl(params, context, x_init, abar, abar_prev, time)
 
   def _from_image_impl(self, params, x, x_init, abar, abar_prev, time):
-    ctx = self.model.apply({"params": params}, x, method=CDC.compress_context)
-    out = self._loop_impl(params, ctx["output"], x_init, abar, abar_prev, time)
+    ctx = self.model.apply({"params": params}, x, method=CDC.context_model)
+    out = self._loop_impl(params, ctx["context"], x_init, abar, abar_prev, time)
     return out, ctx["bpp"]
 
   def decode_context(self, params, context, x_init, steps: int):

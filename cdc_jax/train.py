@@ -1,24 +1,23 @@
-"""Training: state, optimizer, schedules, the jitted step, and the loop.
+"""The training loop: restore or initialise, step, log, checkpoint, export.
 
-The step is a pure function ``train_step(state, batch) -> (state,
-metrics)``, jitted over a device ``Mesh`` with a ``data`` axis: params and
-optimizer state are replicated, the batch is split over devices, the state
-is donated. Randomness is ``fold_in(seed, step)``, so a resumed run needs no
-stored RNG and a step gives the same result on 1 or 8 devices.
+Initialisation order: the latest complete checkpoint in
+``workdir/checkpoints``, else ``train.init_from`` (a model directory or a
+training workdir), else from scratch. The step itself lives in
+``train_step`` (pure, jitted over the mesh); this file only drives it.
 
-Loss (spec §6.2): ``lam(step) * mean(bpp) + diffusion_loss + extra_loss``
-where the diffusion loss is L1 on eps (family ``eps``) or the
-min(SNR, 5)-weighted L2 on x0 (family ``x``), and the extra loss trains the
-hyperprior's medians (its gradient only reaches them).
-
-Initialisation order (``train_and_evaluate``): the latest complete
-checkpoint in ``workdir/checkpoints``, else ``train.init_from`` (a model
-directory), else from scratch.
+Every ``log.every`` steps the metrics go to TensorBoard (``workdir/tb``)
+and the progress bar; every ``eval.every`` steps the held-out photo is
+reconstructed and logged; every ``checkpoint.every`` steps and at the end
+Orbax saves the state. A non-finite loss is checked one step late (no
+per-step device stall) and always before a save or an evaluation. At the
+end, ``workdir/model`` is exported (decoding params, entropy tables) and
+the final metrics written to ``workdir/metrics.json``. Only process 0
+writes logs, reports and the model; every process takes part in saves.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
 import math
@@ -26,497 +25,137 @@ import os
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from cdc_jax import checkpoint, data, diffusion, metrics
-from cdc_jax.models import cdc as cdc_lib
-from cdc_jax.models.cdc import CDC
-from cdc_jax.sample import Sampler, initial_noise
+from cdc_jax import checkpoint, diffusion, model_dir, sharding
+from cdc_jax.data.loader import Loader
+from cdc_jax.data.sources import make_source
+from cdc_jax.eval import held_out
+from cdc_jax.imageio import write_atomic
+from cdc_jax.models.cdc import CDC, from_config, to_config
+from cdc_jax.optim import make_optimizer
+from cdc_jax.sample import Sampler
+from cdc_jax.train_state import TrainState, decoding_params, from_params
+from cdc_jax.train_state import init_state as fresh_state
+from cdc_jax.train_step import make_train_step
 
 logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+METRICS_JSON = "metrics.json"
 
 
 class TrainingError(RuntimeError):
   """Training cannot go on (non-finite loss, bad configuration)."""
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any  # None when EMA is off
-  lam: jax.Array  # lambda(step) of the last step, for logs and checkpoints
-
-
-# -- schedules ----------------------------------------------------------------
-
-
-def lr_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
-  """The paper's staircase, or the released code's effective schedule."""
-  lr, decay, every, floor = tc.lr, tc.lr_decay, tc.lr_decay_every, tc.lr_min
-
-  if tc.lr_schedule == "paper":
-
-    def sched(step):
-      k = jnp.floor_divide(step, every)
-      return jnp.maximum(lr * decay ** k.astype(jnp.float32), floor)
-
-  elif tc.lr_schedule == "released":
-
-    def sched(step):
-      e = jnp.maximum(step - every + 1, 0).astype(jnp.float32)
-      return jnp.maximum(lr * decay**e, floor)
-
-  else:
-    raise ValueError(
-      f"train.lr_schedule must be 'paper' or 'released', got {tc.lr_schedule!r}"
-    )
-  return sched
-
-
-def lambda_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
-  """Rate weight: ``warmup_lambda`` for ``warmup_steps``, then ``lam``.
-
-  The original needs two runs for this (spec §7.5); here it is one run.
-  """
-  return optax.join_schedules(
-    [
-      optax.constant_schedule(tc.warmup_lambda),
-      optax.constant_schedule(tc.lam),
-    ],
-    [tc.warmup_steps],
-  )
-
-
-def make_optimizer(tc: ml_collections.ConfigDict):
-  parts = []
-  if tc.grad_clip:
-    parts.append(optax.clip_by_global_norm(tc.grad_clip))
-  parts.append(optax.adam(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps))
-  return optax.chain(*parts)
-
-
-def ema_decay(step, ec: ml_collections.ConfigDict):
-  """ema_pytorch 0.2.3's decay at update counter ``step`` (spec §7.3)."""
-  n = step + 1
-  e = jnp.maximum(n - ec.update_after_step - 1, 0).astype(jnp.float32)
-  d = 1.0 - (1.0 + e) ** (-ec.power)
-  return jnp.clip(d, 0.0, ec.beta)
-
-
-def ema_update(ema, params, step, ec: ml_collections.ConfigDict):
-  """Every ``update_every`` steps: copy until ``update_after_step``, lerp."""
-  d = ema_decay(step, ec)
-  copy = step <= ec.update_after_step
-  active = (step % ec.update_every) == 0
-
-  def upd(e, p):
-    lerp = e + (1.0 - d) * (p - e)
-    new = jnp.where(copy, p, lerp)
-    return jnp.where(active, new, e)
-
-  return jax.tree.map(upd, ema, params)
-
-
-# -- model and loss -----------------------------------------------------------
-
-
-def make_model(config) -> CDC:
-  return cdc_lib.from_config(dict(config.model))
-
-
-def make_schedule(config) -> diffusion.Schedule:
-  return diffusion.make_schedule(
-    config.diffusion.schedule, config.diffusion.timesteps
-  )
-
-
-def loss_fn(params, model: CDC, sched_arrays, x0, t, noise, rate_noise, lam):
-  """Total loss and metrics for images x0 [B,H,W,3] in [-1, 1].
-
-  ``t`` [B] int training indices, ``noise`` like x0, ``rate_noise`` the
-  (u_z, u_y) uniform noise of the rate term; all explicit so parity tests
-  can inject the original's draws. Gradients of the total equal the
-  original's ``loss.backward(); extra_loss.backward()``.
-  """
-  sqrt_abar, sqrt_1m_abar, snr = sched_arrays
-  variables = {"params": params}
-  ctx = model.apply(
-    variables,
-    x0,
-    train=True,
-    rate_noise=rate_noise,
-    method=CDC.compress_context,
-  )
-  x_t = diffusion.q_sample(x0, sqrt_abar[t], sqrt_1m_abar[t], noise)
-  timesteps = sqrt_abar.shape[0]
-  time = (t.astype(jnp.float32) / timesteps)[:, None]
-  out = model.apply(variables, x_t, time, ctx["output"], method=CDC.denoise)
-  if model.family == "eps":
-    diff = diffusion.eps_l1_loss(noise, out)
-  else:
-    diff = diffusion.x0_weighted_l2_loss(x0, out, diffusion.loss_weight(snr[t]))
-  bpp = jnp.mean(ctx["bpp"])
-  loss = lam * bpp + diff
-  extra = model.apply(variables, method=CDC.extra_loss)
-  return loss + extra, {
-    "loss": loss,
-    "bpp": bpp,
-    "diffusion_loss": diff,
-    "extra_loss": extra,
-  }
-
-
-def train_step(
-  state: TrainState, batch, *, model, tx, config, sched_arrays, rng
-):
-  """One optimisation step on a uint8 batch [B,H,W,3] (global)."""
-  tc = config.train
-  x0 = batch.astype(jnp.float32) / 255.0 * 2.0 - 1.0
-  b, h, w, _ = x0.shape
-  timesteps = sched_arrays[0].shape[0]
-  kt, kz, ky, kn = jax.random.split(jax.random.fold_in(rng, state.step), 4)
-  t = jax.random.randint(kt, (b,), 0, timesteps)
-  y_ch, z_ch = latent_channels(model)
-  zshape = (b, h // 64, w // 64, z_ch)
-  yshape = (b, h // 16, w // 16, y_ch)
-  rate_noise = (
-    jax.random.uniform(kz, zshape, jnp.float32, -0.5, 0.5),
-    jax.random.uniform(ky, yshape, jnp.float32, -0.5, 0.5),
-  )
-  noise = jax.random.normal(kn, x0.shape, jnp.float32)
-  lam = jnp.asarray(lambda_schedule(tc)(state.step), jnp.float32)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, aux), grads = grad_fn(
-    state.params, model, sched_arrays, x0, t, noise, rate_noise, lam
-  )
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = state.ema_params
-  if ema is not None:
-    ema = ema_update(ema, params, state.step, tc.ema)
-  aux = dict(aux)
-  aux["lam"] = lam
-  aux["lr"] = lr_schedule(tc)(state.step)
-  aux["grad_norm"] = optax.tree.norm(grads)
-  new = TrainState(state.step + 1, params, opt_state, ema, lam)
-  new = jax.tree.map(_keep_dtype, new, state)
-  return new, aux
-
-
-def _keep_dtype(new, old):
-  # Keeps the step signature fixed (no weak types), so jit compiles once.
-  return jnp.asarray(new, old.dtype)
-
-
-def latent_channels(model: CDC) -> tuple[int, int]:
-  """Channels of y (last g_a stage) and of z (last h_a stage)."""
-  return (
-    model.dim * model.context_dim_mults[-1],
-    model.dim * model.hyper_dims_mults[-1],
-  )
-
-
-def init_state(config, model: CDC, tx, rng) -> TrainState:
-  """A fresh state; one jitted init (eager init of 50M params dispatches
-  thousands of small ops, minutes on a GPU)."""
-
-  @jax.jit
-  def init(rng):
-    x = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    params = model.init(rng, x, jnp.zeros((1, 1)))["params"]
-    return params, tx.init(params)
-
-  params, opt_state = init(rng)
-  # A copy, not the same arrays: the jitted step donates the state, and
-  # donating one buffer twice crashes the runtime.
-  ema = jax.tree.map(jnp.copy, params) if config.train.ema.enabled else None
-  return TrainState(
-    jnp.zeros((), jnp.int32),
-    params,
-    opt_state,
-    ema,
-    jnp.zeros((), jnp.float32),
-  )
-
-
-# -- data parallelism ---------------------------------------------------------
-
-
-def make_mesh(devices=None) -> Mesh:
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  return Mesh(devices.reshape(-1), ("data",))
-
-
-def check_batch(global_batch: int, mesh: Mesh):
-  n = mesh.devices.size
-  if global_batch % n:
-    raise TrainingError(
-      f"train.batch_size={global_batch} is not divisible by the {n} devices; "
-      f"use a multiple of {n} (e.g. --config.train.batch_size="
-      f"{max(n, global_batch // n * n)})"
-    )
-  if global_batch % jax.process_count():
-    raise TrainingError(
-      f"train.batch_size={global_batch} is not divisible by the "
-      f"{jax.process_count()} processes"
-    )
-
-
-def make_train_step(config, model, tx, mesh: Mesh, state_sharding):
-  """The jitted, data-parallel step."""
-  sched = make_schedule(config)
-  sched_arrays = (
-    jnp.asarray(sched.sqrt_alphas_cumprod),
-    jnp.asarray(sched.sqrt_one_minus_alphas_cumprod),
-    jnp.asarray(sched.snr),
-  )
-  rng = jax.random.key(config.train.seed)
-  step = functools.partial(
-    train_step,
-    model=model,
-    tx=tx,
-    config=config,
-    sched_arrays=sched_arrays,
-    rng=rng,
-  )
-  batch_sharding = NamedSharding(mesh, P("data"))
-  repl = NamedSharding(mesh, P())
-  return jax.jit(
-    step,
-    in_shardings=(state_sharding, batch_sharding),
-    out_shardings=(state_sharding, repl),
-    donate_argnums=0,
-  ), batch_sharding
-
-
-def replicated(mesh: Mesh, tree):
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
-
-
-# -- the loop -----------------------------------------------------------------
-
-
-def validate_config(config):
+def validate_config(config) -> None:
+  """Errors a run would otherwise hit only after compiling."""
   if config.diffusion.aux_weight:
     raise TrainingError(
       "diffusion.aux_weight (rho) > 0 needs the LPIPS-VGG loss, which is "
       "not available yet; set --config.diffusion.aux_weight=0"
     )
-  if config.data.crop_size % 64:
+  factor = from_config(config.model).downsampling_factor
+  if config.data.crop_size % factor:
     raise TrainingError(
-      f"data.crop_size={config.data.crop_size} must be a multiple of 64 "
-      "(the model downsamples by 64)"
+      f"data.crop_size={config.data.crop_size} must be a multiple of "
+      f"{factor} (the model's downsampling factor)"
     )
 
 
-def _held_out_image(size: int) -> np.ndarray:
-  """The embedded held-out photo, center-cropped to a 64-multiple square."""
-  name = data.HELD_OUT
-  img = dict(data.embedded_images())[name]
-  h, w, _ = img.shape
-  s = min(size, h // 64 * 64, w // 64 * 64)
-  top, left = (h - s) // 2, (w - s) // 2
-  return img[top : top + s, left : left + s]
+def diffusion_config(config) -> dict:
+  """The diffusion section as a model directory records it."""
+  return {
+    "schedule": config.diffusion.schedule,
+    "timesteps": int(config.diffusion.timesteps),
+  }
 
 
-def reconstruct(sampler, params, img_u8, steps, gamma, seed=0):
-  """(reconstruction uint8, estimated bpp, PSNR) of one uint8 image."""
-  x = jnp.asarray(metrics.to_float(img_u8))[None]
-  x_init = initial_noise(seed, x.shape, gamma)
-  rec, bpp = sampler.reconstruct(params, x, x_init, steps)
-  rec_u8 = metrics.to_uint8(rec[0])
-  return rec_u8, float(bpp[0]), metrics.psnr(img_u8, rec_u8)
-
-
-def export_params(config, state: TrainState):
-  """Params for decoding: the EMA copy where present."""
-  return state.ema_params if state.ema_params is not None else state.params
-
-
-def export(config, state, directory: str, source: str = "") -> str:
-  from cdc_jax import codec  # codec imports train helpers lazily
-
-  params = jax.device_get(export_params(config, state))
-  model = make_model(config)
-  tables = codec.build_entropy_tables(model, params)
-  return checkpoint.export_model(
+def export(config, state: TrainState, directory: str, source: str) -> str:
+  """Writes a model directory from a train state; returns its fingerprint."""
+  return model_dir.export(
     directory,
-    model_config=model_config_dict(config),
-    diffusion_config={
-      "schedule": config.diffusion.schedule,
-      "timesteps": int(config.diffusion.timesteps),
-    },
-    params=params,
-    tables=tables,
+    to_config(config.model),
+    diffusion_config(config),
+    jax.device_get(decoding_params(state)),
     source=source,
   )
 
 
-def model_config_dict(config) -> dict:
-  out = {}
-  for k, v in dict(config.model).items():
-    out[k] = list(v) if isinstance(v, tuple) else v
+def _init_rng(config):
+  return jax.random.fold_in(jax.random.key(config.train.seed), 0xC0DEC)
+
+
+def _from_init_from(config, model: CDC, tx) -> TrainState:
+  """A step-0 state around the params of ``train.init_from``."""
+  path = config.train.init_from
+  loaded = model_dir.load(path)
+  params = jax.tree.map(jnp.asarray, loaded.params)
+  abstract = jax.eval_shape(
+    lambda: fresh_state(model, tx, _init_rng(config), False)
+  )
+  want = jax.tree.map(lambda a: a.shape, abstract.params)
+  got = jax.tree.map(jnp.shape, params)
+  if want != got:
+    raise TrainingError(
+      f"{path}: its parameters do not fit this config's model "
+      "(different family or sizes); use the matching config"
+    )
+  return from_params(params, tx.init(params), config.train.ema.enabled)
+
+
+def initial_state(config, model: CDC, tx, manager) -> tuple[TrainState, str]:
+  """(state, where it came from): checkpoint, init_from, or scratch."""
+  ema = config.train.ema.enabled
+  rng = _init_rng(config)
+  abstract = jax.eval_shape(lambda: fresh_state(model, tx, rng, ema))
+  state = checkpoint.restore_or_none(manager, abstract)
+  if state is not None:
+    return state, f"checkpoint step {int(state.step)}"
+  if config.train.init_from:
+    return _from_init_from(config, model, tx), config.train.init_from
+  return fresh_state(model, tx, rng, ema), "scratch"
+
+
+@dataclasses.dataclass
+class _Outputs:
+  """Process 0's writers (None elsewhere)."""
+
+  writer: Any = None
+  bar: Any = None
+
+  def close(self):
+    for x in (self.bar, self.writer):
+      if x is not None:
+        x.close()
+
+
+def _open_outputs(config, workdir: str, start: int) -> _Outputs:
+  if jax.process_index() != 0:
+    return _Outputs()
+  from tensorboardX import SummaryWriter
+
+  out = _Outputs(writer=SummaryWriter(os.path.join(workdir, "tb")))
+  if config.log.progress:
+    from tqdm import tqdm
+
+    out.bar = tqdm(
+      total=config.train.num_steps, initial=start, dynamic_ncols=True
+    )
   return out
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per ``config``; returns the final metrics. Only process 0 writes."""
-  validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  mesh = make_mesh()
-  tc = config.train
-  check_batch(tc.batch_size, mesh)
-
-  model = make_model(config)
-  tx = make_optimizer(tc)
-  init_rng = jax.random.fold_in(jax.random.key(tc.seed), 0xC0DEC)
-  abstract = jax.eval_shape(lambda: init_state(config, model, tx, init_rng))
-  state_sharding = replicated(mesh, abstract)
-
-  manager = checkpoint.make_manager(
-    workdir, config.log.keep_checkpoints, config.log.checkpoint_every
-  )
-  state = checkpoint.restore_or_none(manager, abstract)
-  if state is not None:
-    logger.info("resumed from %s at step %d", workdir, int(state.step))
-    origin = f"checkpoint step {int(state.step)}"
-  else:
-    state = init_state(config, model, tx, init_rng)
-    origin = "scratch"
-    if tc.init_from:
-      loaded = checkpoint.load_model(tc.init_from)
-      params = jax.tree.map(jnp.asarray, loaded.params)
-      want = jax.tree.map(jnp.shape, state.params)
-      got = jax.tree.map(jnp.shape, params)
-      if want != got:
-        raise TrainingError(
-          f"{tc.init_from}: its parameters do not fit this config's model "
-          "(different family or sizes); use the matching config"
-        )
-      ema = None
-      if state.ema_params is not None:
-        ema = jax.tree.map(jnp.copy, params)  # distinct buffers (donation)
-      state = TrainState(state.step, params, tx.init(params), ema, state.lam)
-      origin = f"init_from {tc.init_from}"
-  state = jax.device_put(state, state_sharding)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  step_fn, batch_sharding = make_train_step(
-    config, model, tx, mesh, state_sharding
-  )
-  source = data.make_source(config.data)
-  per_process = tc.batch_size // jax.process_count()
-  start = int(state.step)
-  loader = data.Loader(
-    source,
-    per_process,
-    config.data.crop_size,
-    seed=tc.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    start_step=start,
-  )
-  writer = None
-  if is_main:
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(os.path.join(workdir, "tb"))
-  sampler = Sampler(model, make_schedule(config))
-  held_out = _held_out_image(config.log.eval_size)
-
-  bar = None
-  if is_main and config.log.progress:
-    from tqdm import tqdm
-
-    bar = tqdm(total=tc.num_steps, initial=start, dynamic_ncols=True)
-  logger.info("training from %s, step %d of %d", origin, start, tc.num_steps)
-  last = {}
-  t0, n0 = time.time(), start
-  try:
-    pending = None  # (step, loss on device): checked one step late
-    for step in range(start, tc.num_steps):
-      local = next(loader)
-      batch = jax.make_array_from_process_local_data(batch_sharding, local)
-      state, m = step_fn(state, batch)
-      # The previous step's loss is ready by now: checking it does not
-      # stall the device, which already runs this step.
-      _check_finite(pending, manager)
-      pending = (step, m["loss"])
-      done = step + 1
-      is_ckpt = done % config.log.checkpoint_every == 0 or done == tc.num_steps
-      if is_ckpt or done % config.log.eval_every == 0:
-        _check_finite(pending, manager)  # never save or show a NaN state
-      if done % config.log.log_every == 0 or done == tc.num_steps:
-        last = {k: float(v) for k, v in jax.device_get(m).items()}
-        rate = (done - n0) / max(time.time() - t0, 1e-9)
-        t0, n0 = time.time(), done
-        last["steps_per_sec"] = rate
-        if writer is not None:
-          for k, v in last.items():
-            writer.add_scalar(f"train/{k}", v, done)
-        if bar is not None:
-          bar.set_postfix(
-            loss=f"{last['loss']:.4f}",
-            bpp=f"{last['bpp']:.3f}",
-            lam=f"{last['lam']:.2g}",
-            sps=f"{rate:.2f}",
-          )
-      if bar is not None:
-        bar.update(1)
-      if is_ckpt:
-        manager.save(done, args=_save_args(state), force=True)
-      if done % config.log.eval_every == 0 or done == tc.num_steps:
-        rec, bpp, psnr = reconstruct(
-          sampler,
-          export_params(config, state),
-          held_out,
-          config.log.eval_steps,
-          config.log.eval_gamma,
-        )
-        last.update(eval_bpp=bpp, eval_psnr=psnr)
-        if writer is not None:
-          writer.add_scalar("eval/bpp", bpp, done)
-          writer.add_scalar("eval/psnr", psnr, done)
-          writer.add_image(
-            "eval/original_vs_reconstruction",
-            np.concatenate([held_out, rec], axis=1),
-            done,
-            dataformats="HWC",
-          )
-  finally:
-    loader.close()
-    if bar is not None:
-      bar.close()
-    manager.wait_until_finished()
-    if writer is not None:
-      writer.close()
-
-  if is_main:
-    export(
-      config,
-      state,
-      os.path.join(workdir, "model"),
-      source=f"trained in {workdir} to step {int(state.step)}",
-    )
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump(last, f, indent=2)
-  return last
+def _save_run_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    payload = config.to_json_best_effort(indent=2).encode()
+    write_atomic(os.path.join(workdir, model_dir.WORKDIR_CONFIG), payload)
 
 
-def _check_finite(pending, manager):
+def _check_finite(pending, manager) -> None:
+  """Raises if the loss of ``pending = (step, loss)`` is not finite."""
   if pending is None:
     return
   step, loss = pending
@@ -528,86 +167,154 @@ def _check_finite(pending, manager):
     )
 
 
-def _save_args(state):
+@dataclasses.dataclass
+class _Evaluator:
+  """Reconstructs the held-out crop with the decoding params."""
+
+  sampler: Sampler
+  image: np.ndarray
+  steps: int
+  gamma: float
+
+  def __call__(self, state: TrainState, done: int, out: _Outputs) -> dict:
+    rec, bpp, psnr = held_out.reconstruct(
+      self.sampler, decoding_params(state), self.image, self.steps, self.gamma
+    )
+    if out.writer is not None:
+      out.writer.add_scalar("eval/bpp", bpp, done)
+      out.writer.add_scalar("eval/psnr", psnr, done)
+      pair = np.concatenate([self.image, rec], axis=1)
+      out.writer.add_image(
+        "eval/original_vs_reconstruction", pair, done, dataformats="HWC"
+      )
+    return {"eval_bpp": bpp, "eval_psnr": psnr}
+
+
+def _make_evaluator(config, model: CDC) -> _Evaluator:
+  dc = config.diffusion
+  schedule = diffusion.make_schedule(dc.schedule, dc.timesteps)
+  image = held_out.center_crop(
+    held_out.held_out_image(), config.eval.size, model.downsampling_factor
+  )
+  return _Evaluator(
+    Sampler(model, schedule), image, config.eval.steps, config.eval.gamma
+  )
+
+
+def _log(metrics, done: int, rate: float, out: _Outputs) -> dict:
+  last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  last["steps_per_sec"] = rate
+  if out.writer is not None:
+    for k, v in last.items():
+      out.writer.add_scalar(f"train/{k}", v, done)
+  if out.bar is not None:
+    out.bar.set_postfix(
+      loss=f"{last['loss']:.4f}",
+      bpp=f"{last['bpp']:.3f}",
+      lam=f"{last['lam']:.2g}",
+      sps=f"{rate:.2f}",
+    )
+  return last
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop drives: the jitted step, its input, saves and evals."""
+
+  config: Any
+  workdir: str
+  step_fn: Any
+  batch_sharding: Any
+  loader: Loader
+  manager: Any
+  evaluate: _Evaluator
+
+
+def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
+  """Runs steps ``state.step .. num_steps``; returns (state, last metrics)."""
   import orbax.checkpoint as ocp
 
-  return ocp.args.StandardSave(state)
+  config, manager = run.config, run.manager
+  num_steps, last, pending = config.train.num_steps, {}, None
+  start = int(state.step)
+  out = _open_outputs(config, run.workdir, start)
+  t0, n0 = time.time(), start
+  try:
+    for step in range(start, num_steps):
+      batch = sharding.global_batch(next(run.loader), run.batch_sharding)
+      state, metrics = run.step_fn(state, batch)
+      # The previous step's loss is ready by now: checking it does not
+      # stall the device, which already runs this step.
+      _check_finite(pending, manager)
+      pending, done = (step, metrics["loss"]), step + 1
+      is_ckpt = done % config.checkpoint.every == 0 or done == num_steps
+      is_eval = done % config.eval.every == 0 or done == num_steps
+      if is_ckpt or is_eval:
+        _check_finite(pending, manager)  # never save or show a NaN state
+      if done % config.log.every == 0 or done == num_steps:
+        rate = (done - n0) / max(time.time() - t0, 1e-9)
+        t0, n0 = time.time(), done
+        last = _log(metrics, done, rate, out)
+      if out.bar is not None:
+        out.bar.update(1)
+      if is_ckpt:
+        manager.save(done, args=ocp.args.StandardSave(state), force=True)
+      if is_eval:
+        last.update(run.evaluate(state, done, out))
+  finally:
+    out.close()
+    manager.wait_until_finished()
+  return state, last
 
 
-def is_main_process() -> bool:
-  return jax.process_index() == 0
-
-
-def _restore_latest(config, workdir: str):
-  model = make_model(config)
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per ``config`` in ``workdir``; returns the final metrics."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh()
+  sharding.check_batch(config.train.batch_size, mesh)
+  model = from_config(config.model)
   tx = make_optimizer(config.train)
-  rng = jax.random.key(0)
-  abstract = jax.eval_shape(lambda: init_state(config, model, tx, rng))
-  manager = checkpoint.make_manager(
-    workdir, config.log.keep_checkpoints, config.log.checkpoint_every
+  ck = config.checkpoint
+  manager = checkpoint.make_manager(workdir, ck.keep, ck.every)
+  state, origin = initial_state(config, model, tx, manager)
+  state_sharding = sharding.replicated(mesh, state)
+  state = jax.device_put(state, state_sharding)
+  _save_run_config(config, workdir)
+  step_fn, batch_sharding = make_train_step(
+    config, model, tx, mesh, state_sharding
+  )
+  start = int(state.step)
+  loader = Loader(
+    make_source(config.data),
+    config.train.batch_size // jax.process_count(),
+    config.data.crop_size,
+    seed=config.train.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    start_step=start,
+  )
+  logger.info(
+    "training from %s, step %d of %d", origin, start, config.train.num_steps
+  )
+  run = _Run(
+    config,
+    workdir,
+    step_fn,
+    batch_sharding,
+    loader,
+    manager,
+    _make_evaluator(config, model),
   )
   try:
-    return checkpoint.restore_or_none(manager, abstract)
+    state, last = _loop(run, state)
   finally:
+    loader.close()
     manager.close()
-
-
-def restore_export_params(config, workdir: str):
-  """The decoding params (EMA where present) of the latest checkpoint."""
-  state = _restore_latest(config, workdir)
-  return None if state is None else export_params(config, state)
-
-
-def export_latest(config, workdir: str) -> str:
-  """``--mode=export``: workdir/model from the latest checkpoint."""
-  state = _restore_latest(config, workdir)
-  if state is None:
-    raise TrainingError(f"{workdir}: no complete checkpoint to export")
-  out = os.path.join(workdir, "model")
-  export(
-    config,
-    state,
-    out,
-    source=f"exported from {workdir} at step {int(state.step)}",
-  )
-  print(f"exported {out} (step {int(state.step)})")
-  return out
-
-
-def final_report(config, workdir: str) -> dict:
-  """Compresses the held-out photo with the exported model to a real file.
-
-  Prints real and estimated bpp and PSNR; writes ``held_out.cdcj`` and a
-  side-by-side ``reconstruction.png`` (original | decoded) in workdir.
-  """
-  from cdc_jax import codec
-
-  cm = codec.load(os.path.join(workdir, "model"))
-  name = data.HELD_OUT
-  img = dict(data.embedded_images())[name]
-  res = codec.compress_image(
-    cm, img, steps=config.log.eval_steps, gamma=config.log.eval_gamma
-  )
-  path = os.path.join(workdir, "held_out.cdcj")
-  codec._write_atomic(path, res.data)
-  rec = codec.decompress(cm, res.data)
-  psnr = metrics.psnr(img, rec)
-  side = os.path.join(workdir, "reconstruction.png")
-  codec._write_atomic(side, image=np.concatenate([img, rec], axis=1))
-  report = {
-    "image": f"{name} {img.shape[0]}x{img.shape[1]} (held out)",
-    "file_bytes": len(res.data),
-    "bpp": res.bpp,
-    "estimated_bpp": res.estimated_bpp,
-    "psnr_db": psnr,
-    "decode_steps": config.log.eval_steps,
-  }
-  print(
-    f"held-out '{name}' ({img.shape[1]}x{img.shape[0]}): {len(res.data)} "
-    f"bytes = {res.bpp:.4f} bpp (estimate {res.estimated_bpp:.4f}), "
-    f"PSNR {psnr:.2f} dB, {config.log.eval_steps} DDIM steps\n"
-    f"  file: {path}\n  side by side: {side}"
-  )
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  return report
+  if jax.process_index() == 0:
+    done = int(state.step)
+    source = f"trained in {workdir} to step {done}"
+    export(config, state, os.path.join(workdir, MODEL_DIR), source)
+    payload = json.dumps(last, indent=2).encode()
+    write_atomic(os.path.join(workdir, METRICS_JSON), payload)
+  return last

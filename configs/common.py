@@ -112,16 +112,19 @@ def base_config() -> ml_collections.ConfigDict:
     dict(name="embedded", path="", split="train", crop_size=256)
   )
 
-  c.log = ml_collections.ConfigDict(
+  c.log = ml_collections.ConfigDict(dict(every=100, progress=True))
+
+  # Orbax checkpoints in workdir/checkpoints (saved every `every` steps and
+  # at the end; the newest `keep` are kept).
+  c.checkpoint = ml_collections.ConfigDict(dict(every=5000, keep=3))
+
+  # Evaluation of the held-out photo during training and at the end.
+  c.eval = ml_collections.ConfigDict(
     dict(
-      log_every=100,
-      eval_every=5000,
-      checkpoint_every=5000,
-      keep_checkpoints=3,
-      eval_steps=65,  # DDIM steps for logged reconstructions
-      eval_gamma=0.8,  # x_T = gamma * N(0, I)
-      eval_size=256,  # held-out photo is center-cropped to this size
-      progress=True,
+      every=5000,
+      steps=65,  # DDIM decode steps
+      gamma=0.8,  # x_T = gamma * N(0, I)
+      size=256,  # the held-out photo is center-cropped to this size
     )
   )
   return c
@@ -139,8 +142,8 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
   c.train.warmup_steps = 150
   c.train.ema.update_after_step = 20
   c.train.ema.update_every = 5
-  c.log.log_every = 25
-  c.log.eval_every = 150
-  c.log.checkpoint_every = 150
-  c.log.eval_steps = 8
-  c.log.eval_size = 64
+  c.log.every = 25
+  c.eval.every = 150
+  c.checkpoint.every = 150
+  c.eval.steps = 8
+  c.eval.size = 64

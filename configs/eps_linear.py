@@ -27,7 +27,7 @@ def get_config(arg=None):
   # The released eps trainer: no clipping, no EMA (spec §7.1, §7.3).
   c.train.grad_clip = 0.0
   c.train.ema.enabled = False
-  c.log.eval_steps = 200
+  c.eval.steps = 200
   if v.tiny:
     common.apply_tiny(c)
   if v.steps:

@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.train.lam = 0.0032
   c.train.grad_clip = 1.0
   c.train.ema.enabled = True
-  c.log.eval_steps = 65
+  c.eval.steps = 65
   if v.tiny:
     common.apply_tiny(c)
     c.model.context_channels = 8

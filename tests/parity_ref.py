@@ -1,23 +1,33 @@
-"""Reference outputs of the ORIGINAL PyTorch CDC code (run by test_parity).
+"""Reference outputs of the ORIGINAL PyTorch CDC code (run by test_parity*).
 
 Runs in a subprocess with the working directory ``$CDC_REF/epsilonparam``
 or ``$CDC_REF/xparam`` on ``PYTHONPATH`` (both define a package named
 ``modules``) plus a stub ``lpips`` package::
 
-  python parity_ref.py {eps|x} INPUTS.npz CHECKPOINT.pt OUTPUTS.npz [SEED]
+  python parity_ref.py {forward|grads} {eps|x} INPUTS.npz CHECKPOINT.pt \
+      OUTPUTS.npz [SEED]
 
-It builds the released configuration exactly as the original test scripts
-do (LPIPS weight 0), perturbs the LayerNorm and prior parameters so they are
-not at their trivial init, saves a checkpoint in the released format and
-writes the original's outputs for the inputs (NCHW numpy arrays made by the
-test) to OUTPUTS.npz. Randomness inside the original (t, rate noise, eps)
-is injected by replacing ``torch.randint`` / ``torch.rand_like`` /
+It builds the model as the original test scripts do (LPIPS weight 0),
+perturbs the LayerNorm and prior parameters so they are not at their
+trivial init, saves a checkpoint in the released format and writes the
+original's outputs for the inputs (NCHW numpy arrays made by the test) to
+OUTPUTS.npz. Randomness inside the original (t, rate noise, eps) is
+injected by replacing ``torch.randint`` / ``torch.rand_like`` /
 ``torch.randn_like``.
 
-Inputs, per image set k: ``images_k`` [B,3,H,W] in [-1, 1], ``init_k``
+``forward`` (test_parity.py): the released configuration. Inputs, per
+image set k: ``images_k`` [B,3,H,W] in [-1, 1], ``init_k``
 (x_T), ``steps_k`` (DDIM step counts), ``t_k`` [B] (int), ``rz_k`` / ``ry_k``
 (what ``rand_like`` returns for z and y: the rate noise plus 0.5),
 ``eps_k``; and ``unet_x``, ``unet_time`` [B,1], ``unet_ctx_0..3``.
+
+``grads`` (test_parity_grads.py): a model of width ``dim`` with
+``context_channels`` and rate weight ``lagrangian`` (scalar inputs), saved
+as ``{"step", "model"}``; one training forward of ``images`` with ``t``,
+``rz``, ``ry``, ``eps`` injected, then ``loss.backward();
+extra_loss.backward()`` as the original trainer does. Outputs ``loss``,
+``extra``, ``grad.NAME`` for every named parameter (zeros where torch left
+no gradient) and ``no_grad``, the names of those.
 """
 
 from __future__ import annotations
@@ -32,24 +42,28 @@ from modules.unet import Unet
 LAGRANGIAN = {"eps": 0.9, "x": 0.0032}  # as in the original test scripts
 
 
-def build(family: str):
-  """The released model, constructed as test_{epsilon,x}param.py do."""
+def build(family: str, dim: int = 64, context_channels=None, lagrangian=None):
+  """The model as test_{epsilon,x}param.py construct it (defaults: the
+  release; ``dim``, ``context_channels`` and ``lagrangian`` override)."""
+  if lagrangian is None:
+    lagrangian = LAGRANGIAN[family]
   if family == "eps":
     from modules.compress_modules import BigCompressor
 
+    ctx = 3 if context_channels is None else context_channels
     unet = Unet(
-      dim=64,
+      dim=dim,
       channels=3,
-      context_channels=3,
+      context_channels=ctx,
       dim_mults=(1, 2, 3, 4, 5, 6),
       context_dim_mults=(1, 2, 3, 4),
     )
     compressor = BigCompressor(
-      dim=64,
+      dim=dim,
       dim_mults=(1, 2, 3, 4),
       hyper_dims_mults=(4, 4, 4),
       channels=3,
-      out_channels=3,
+      out_channels=ctx,
       vbr=False,
     )
     return GaussianDiffusion(
@@ -59,7 +73,7 @@ def build(family: str):
       loss_type="l1",
       clip_noise="none",
       vbr=False,
-      lagrangian=LAGRANGIAN["eps"],
+      lagrangian=lagrangian,
       pred_mode="noise",
       var_schedule="linear",
       aux_loss_weight=0.0,
@@ -67,21 +81,22 @@ def build(family: str):
     )
   from modules.compress_modules import ResnetCompressor
 
+  ctx = 64 if context_channels is None else context_channels
   unet = Unet(
-    dim=64,
+    dim=dim,
     channels=3,
-    context_channels=64,
+    context_channels=ctx,
     dim_mults=[1, 2, 3, 4, 5, 6],
     context_dim_mults=[1, 2, 3, 4],
     embd_type="01",
   )
   compressor = ResnetCompressor(
-    dim=64,
+    dim=dim,
     dim_mults=[1, 2, 3, 4],
     reverse_dim_mults=[4, 3, 2, 1],
     hyper_dims_mults=[4, 4, 4],
     channels=3,
-    out_channels=64,
+    out_channels=ctx,
   )
   return GaussianDiffusion(
     denoise_fn=unet,
@@ -89,7 +104,7 @@ def build(family: str):
     ae_fn=None,
     num_timesteps=8193,
     loss_type="l2",
-    lagrangian=LAGRANGIAN["x"],
+    lagrangian=lagrangian,
     pred_mode="x",
     aux_loss_weight=0.0,
     aux_loss_type="lpips",
@@ -146,7 +161,8 @@ class Injected:
       assert not self.rand and not self.randn, "unused injected noise"
 
 
-def main(family, inputs_path, ckpt_path, outputs_path, seed="0"):
+def forward(family, inputs_path, ckpt_path, outputs_path, seed="0"):
+  """The released model's outputs (test_parity.py)."""
   torch.manual_seed(int(seed))
   gen = torch.Generator().manual_seed(int(seed) + 1)
   model = build(family)
@@ -199,11 +215,49 @@ def main(family, inputs_path, ckpt_path, outputs_path, seed="0"):
         loss, extra = model(images)
       out[f"loss_{k}"], out[f"extra_{k}"] = loss, extra
 
-  arrays = {
-    k: np.asarray(v.detach().numpy(), np.float32) for k, v in out.items()
-  }
-  np.savez(outputs_path, **arrays)
+  _save(outputs_path, out)
+
+
+def grads(family, inputs_path, ckpt_path, outputs_path, seed="0"):
+  """Training-loss gradients of a small model (test_parity_grads.py)."""
+  torch.manual_seed(int(seed))
+  gen = torch.Generator().manual_seed(int(seed) + 1)
+  inp = {k: torch.from_numpy(v) for k, v in np.load(inputs_path).items()}
+  model = build(
+    family,
+    dim=int(inp["dim"]),
+    context_channels=int(inp["context_channels"]),
+    lagrangian=float(inp["lagrangian"]),
+  )
+  perturb(model, gen)
+  torch.save({"step": 1234, "model": model.state_dict()}, ckpt_path)
+
+  model.train()
+  model.zero_grad(set_to_none=True)
+  rates = [inp["rz"], inp["ry"]]
+  with Injected(inp["t"].long(), rates, [inp["eps"]]):
+    loss, extra = model(inp["images"])
+  # As the original trainer (modules/trainer.py): two backward passes.
+  loss.backward()
+  extra.backward()
+  out = {"loss": loss, "extra": extra}
+  no_grad = []
+  for name, p in model.named_parameters():
+    if p.grad is None:
+      no_grad.append(name)
+      out[f"grad.{name}"] = torch.zeros_like(p)
+    else:
+      out[f"grad.{name}"] = p.grad
+  _save(outputs_path, out, no_grad=np.asarray(no_grad, dtype=np.str_))
+
+
+def _save(path, tensors, **arrays):
+  arrays.update(
+    {k: np.asarray(v.detach().numpy(), np.float32) for k, v in tensors.items()}
+  )
+  np.savez(path, **arrays)
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:])
+  modes = {"forward": forward, "grads": grads}
+  modes[sys.argv[1]](*sys.argv[2:])

@@ -1,15 +1,22 @@
-"""Tests of cdc_jax.convert_torch (torch only for the marked few)."""
+"""Tests of cdc_jax.convert (torch only for the marked few)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from cdc_jax import checkpoint, convert_torch
-from cdc_jax.convert_torch import ConversionError
+from cdc_jax import diffusion, model_dir
+from cdc_jax.convert import cli, infer, tables, transforms
+from cdc_jax.convert import torch_checkpoint as tc
+from cdc_jax.convert.errors import ConversionError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The released checkpoints' state_dict listings: "key (shape) dtype" lines.
+KEY_LISTS = os.path.join(ROOT, "tests", "data")
 
 RELEASE = {
   "eps": dict(
@@ -60,19 +67,17 @@ def random_params(cfg: dict, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   flat = {
     row.flax_path: rng.standard_normal(shape).astype(np.float32)
-    for row, shape in convert_torch.checked_table(cfg)
+    for row, shape in tables.checked_table(cfg)
   }
-  return checkpoint.unflatten(flat)
+  return model_dir.unflatten(flat)
 
 
 def released_checkpoint(family, params, cfg, online_params=None):
   """A checkpoint dict in the released layout (numpy instead of tensors)."""
-  sd = convert_torch.to_torch_state_dict(params, cfg, TINY_DIFFUSION[family])
+  sd = tc.to_torch_state_dict(params, cfg, TINY_DIFFUSION[family])
   if family == "eps":
     return {"step": 3, "model": sd}
-  online = convert_torch.to_torch_state_dict(
-    online_params, cfg, TINY_DIFFUSION[family]
-  )
+  online = tc.to_torch_state_dict(online_params, cfg, TINY_DIFFUSION[family])
   ema = {"initted": np.ones(1, np.float32), "step": np.array([5])}
   ema.update({f"online_model.{k}": v for k, v in online.items()})
   ema.update({f"ema_model.{k}": v for k, v in sd.items()})
@@ -80,7 +85,7 @@ def released_checkpoint(family, params, cfg, online_params=None):
 
 
 def assert_same_params(a, b):
-  fa, fb = checkpoint.flatten(a), checkpoint.flatten(b)
+  fa, fb = model_dir.flatten(a), model_dir.flatten(b)
   assert sorted(fa) == sorted(fb)
   for k in fa:
     np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
@@ -91,8 +96,8 @@ def assert_same_params(a, b):
 
 @pytest.mark.parametrize("family", ["eps", "x"])
 def test_release_key_set(family):
-  table = convert_torch.checked_table(RELEASE[family])
-  buffers = convert_torch.RELEASE_DIFFUSION[family]
+  table = tables.checked_table(RELEASE[family])
+  buffers = infer.RELEASE_DIFFUSION[family]
   n_buffers = 7 if family == "x" else 6
   assert len(table) + n_buffers == KEY_COUNT[family]
   assert sum(int(np.prod(s)) for _, s in table) == PARAM_COUNT[family]
@@ -120,20 +125,20 @@ def test_release_key_set(family):
   assert buffers["timesteps"] == (20000 if family == "eps" else 8193)
 
 
+def released_keys(name: str) -> list[str]:
+  """The "key (shape)" lines of tests/data/cdc_keys_{name}.txt, in order."""
+  with open(os.path.join(KEY_LISTS, f"cdc_keys_{name}.txt")) as f:
+    return [line.rsplit(" ", 1)[0] for line in f.read().splitlines()]
+
+
 @pytest.mark.parametrize("family", ["eps", "x"])
 def test_release_key_list_matches_spec(family):
-  """Same keys, order and shapes as the spec's lists, when they are around."""
-  name = {"eps": "epsparam", "x": "xparam"}[family]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(root, "..", "shared", f"cdc_keys_{name}.txt")
-  if not os.path.isfile(path):
-    pytest.skip(f"{path} not found")
-  with open(path) as f:
-    want = [line.rsplit(" ", 1)[0] for line in f.read().splitlines()]
-  dcfg = convert_torch.RELEASE_DIFFUSION[family]
+  """Same keys, order and shapes as the released files' state dicts."""
+  want = released_keys({"eps": "epsparam", "x": "xparam"}[family])
+  dcfg = infer.RELEASE_DIFFUSION[family]
   buffers = [
     f"{k} {v.shape}"
-    for k, v in convert_torch.diffusion.reference_buffers(
+    for k, v in diffusion.reference_buffers(
       dcfg["schedule"], dcfg["timesteps"]
     ).items()
   ]
@@ -141,21 +146,30 @@ def test_release_key_list_matches_spec(family):
     buffers = [buffers[-1], *buffers[:-1]]
   rows = [
     f"{r.torch_key} {r.transform.torch_shape(s)}"
-    for r, s in convert_torch.checked_table(RELEASE[family])
+    for r, s in tables.checked_table(RELEASE[family])
   ]
   assert buffers + rows == want
 
 
+def test_lpips_key_list_matches_release():
+  """The LPIPS table plus its ``lins.*`` aliases: the rho > 0 extra keys."""
+  table = tables.lpips_table()
+  shapes = {r.torch_key: r.transform.torch_shape(s) for r, s in table}
+  rows = [f"{r.torch_key} {shapes[r.torch_key]}" for r, _ in table]
+  rows += [f"{a} {shapes[k]}" for a, k in tables.lpips_aliases().items()]
+  assert rows == released_keys("lpips_extra")
+
+
 @pytest.mark.parametrize("family", ["eps", "x"])
 def test_infer_release_config(family):
-  table = convert_torch.checked_table(RELEASE[family])
+  table = tables.checked_table(RELEASE[family])
   zero = np.float32(0)
   state = {
     r.torch_key: np.broadcast_to(zero, r.transform.torch_shape(s))
     for r, s in table
   }
-  assert convert_torch.detect_family(state) == family
-  assert convert_torch.infer_model_config(state, family) == RELEASE[family]
+  assert infer.detect_family(state) == family
+  assert infer.infer_model_config(state, family) == RELEASE[family]
 
 
 # -- round trips ---------------------------------------------------------------
@@ -168,14 +182,14 @@ def test_round_trip(family, variant):
   params = random_params(cfg, 0)
   online = random_params(cfg, 1)
   ckpt = released_checkpoint(family, params, cfg, online)
-  conv = convert_torch.convert_checkpoint(ckpt)
+  conv = tc.convert_checkpoint(ckpt)
   assert conv.model_config == cfg
   assert conv.diffusion_config == TINY_DIFFUSION[family]
   assert conv.source == ("model" if family == "eps" else "ema")
   assert conv.lpips is None
   assert_same_params(conv.params, params)
   # The inverse reproduces the released layout exactly.
-  back = convert_torch.to_torch_state_dict(
+  back = tc.to_torch_state_dict(
     conv.params, conv.model_config, conv.diffusion_config
   )
   if family == "eps":
@@ -192,18 +206,18 @@ def test_no_ema_takes_the_online_model():
   cfg = tiny("x")
   params, online = random_params(cfg, 0), random_params(cfg, 1)
   ckpt = released_checkpoint("x", params, cfg, online)
-  conv = convert_torch.convert_checkpoint(ckpt, use_ema=False)
+  conv = tc.convert_checkpoint(ckpt, use_ema=False)
   assert conv.source == "model"
   assert_same_params(conv.params, online)
   del ckpt["ema"]
-  assert convert_torch.convert_checkpoint(ckpt).source == "model"
+  assert tc.convert_checkpoint(ckpt).source == "model"
 
 
 def test_bare_state_dict_is_accepted():
   cfg = tiny("eps")
   params = random_params(cfg)
-  sd = convert_torch.to_torch_state_dict(params, cfg, TINY_DIFFUSION["eps"])
-  conv = convert_torch.convert_checkpoint(sd, family="eps")
+  sd = tc.to_torch_state_dict(params, cfg, TINY_DIFFUSION["eps"])
+  conv = tc.convert_checkpoint(sd, family="eps")
   assert conv.source == "state_dict"
   assert_same_params(conv.params, params)
 
@@ -211,12 +225,12 @@ def test_bare_state_dict_is_accepted():
 def test_transforms_invert():
   rng = np.random.default_rng(0)
   for t, shape in (
-    (convert_torch.CONV, (3, 5, 2, 7)),
-    (convert_torch.CONV_T, (4, 4, 3, 6)),
-    (convert_torch.LINEAR, (3, 5)),
-    (convert_torch.CHANNELS, (6,)),
-    (convert_torch.PRIOR_MATRIX, (4, 3, 1)),
-    (convert_torch.PRIOR_VECTOR, (4, 3)),
+    (transforms.CONV, (3, 5, 2, 7)),
+    (transforms.CONV_T, (4, 4, 3, 6)),
+    (transforms.LINEAR, (3, 5)),
+    (transforms.CHANNELS, (6,)),
+    (transforms.PRIOR_MATRIX, (4, 3, 1)),
+    (transforms.PRIOR_VECTOR, (4, 3)),
   ):
     k = rng.standard_normal(shape)
     w = t.to_torch(k)
@@ -237,13 +251,13 @@ def test_missing_key(eps_checkpoint):
   key = "context_fn.enc.1.0.block2.block.1.g"
   del eps_checkpoint["model"][key]
   with pytest.raises(ConversionError, match=f"missing 1 keys \\[{key}\\]"):
-    convert_torch.convert_checkpoint(eps_checkpoint)
+    tc.convert_checkpoint(eps_checkpoint)
 
 
 def test_missing_key_needed_for_the_config(eps_checkpoint):
   del eps_checkpoint["model"]["denoise_fn.time_mlp.2.weight"]
   with pytest.raises(ConversionError, match="time_mlp.2.weight"):
-    convert_torch.convert_checkpoint(eps_checkpoint)
+    tc.convert_checkpoint(eps_checkpoint)
 
 
 def test_many_missing_keys_are_truncated(eps_checkpoint):
@@ -251,13 +265,13 @@ def test_many_missing_keys_are_truncated(eps_checkpoint):
   for k in [k for k in sd if ".ups." in k][:20]:
     del sd[k]
   with pytest.raises(ConversionError, match=r"missing 20 keys .*12 more\)"):
-    convert_torch.convert_checkpoint(eps_checkpoint)
+    tc.convert_checkpoint(eps_checkpoint)
 
 
 def test_unexpected_key(eps_checkpoint):
   eps_checkpoint["model"]["denoise_fn.extra.weight"] = np.zeros(3)
   with pytest.raises(ConversionError, match=r"unexpected 1 keys .*extra"):
-    convert_torch.convert_checkpoint(eps_checkpoint)
+    tc.convert_checkpoint(eps_checkpoint)
 
 
 def test_wrong_shape(eps_checkpoint):
@@ -265,18 +279,18 @@ def test_wrong_shape(eps_checkpoint):
   eps_checkpoint["model"][key] = np.zeros((5, 5, 1, 1), np.float32)
   msg = f"{key}: expected \\(48, 16, 1, 1\\), got \\(5, 5, 1, 1\\)"
   with pytest.raises(ConversionError, match=msg):
-    convert_torch.convert_checkpoint(eps_checkpoint)
+    tc.convert_checkpoint(eps_checkpoint)
 
 
 def test_wrong_family(eps_checkpoint):
   with pytest.raises(ConversionError, match="checkpoint is a eps model"):
-    convert_torch.convert_checkpoint(eps_checkpoint, family="x")
+    tc.convert_checkpoint(eps_checkpoint, family="x")
 
 
 def test_unknown_family(eps_checkpoint):
   del eps_checkpoint["model"]["context_fn.enc.0.2.conv.weight"]
   with pytest.raises(ConversionError, match="cannot tell the model family"):
-    convert_torch.convert_checkpoint(eps_checkpoint)
+    tc.convert_checkpoint(eps_checkpoint)
 
 
 def test_schedule_buffer_mismatch(eps_checkpoint):
@@ -284,7 +298,7 @@ def test_schedule_buffer_mismatch(eps_checkpoint):
     eps_checkpoint["model"]["train_betas"] * 1.01
   )
   with pytest.raises(ConversionError, match="train_betas does not match"):
-    convert_torch.convert_checkpoint(eps_checkpoint)
+    tc.convert_checkpoint(eps_checkpoint)
 
 
 @pytest.mark.parametrize(
@@ -297,15 +311,15 @@ def test_schedule_buffer_mismatch(eps_checkpoint):
 )
 def test_not_a_cdc_checkpoint(ckpt, msg):
   with pytest.raises(ConversionError, match=msg):
-    convert_torch.convert_checkpoint(ckpt)
+    tc.convert_checkpoint(ckpt)
 
 
 def _lpips_state(rng):
   state = {}
-  for row, shape in convert_torch.lpips_table():
+  for row, shape in tables.lpips_table():
     w = rng.standard_normal(shape).astype(np.float32)
     state[row.torch_key] = row.transform.to_torch(w)
-  for alias, key in convert_torch._lpips_aliases().items():
+  for alias, key in tables.lpips_aliases().items():
     state[alias] = state[key].copy()
   return state
 
@@ -314,7 +328,7 @@ def test_lpips_weights_are_kept_aside(eps_checkpoint):
   rng = np.random.default_rng(0)
   lp = _lpips_state(rng)
   eps_checkpoint["model"].update(lp)
-  conv = convert_torch.convert_checkpoint(eps_checkpoint)
+  conv = tc.convert_checkpoint(eps_checkpoint)
   assert len(conv.lpips) == 2 + 2 * 13 + 5
   assert conv.lpips["features_28/kernel"].shape == (3, 3, 512, 512)
   assert conv.lpips["lin_0/kernel"].shape == (1, 1, 64, 1)
@@ -325,7 +339,7 @@ def test_lpips_weights_are_kept_aside(eps_checkpoint):
   )
   eps_checkpoint["model"]["loss_fn_vgg.lins.1.model.1.weight"] += 1
   with pytest.raises(ConversionError, match="lins.1.model.1.weight differs"):
-    convert_torch.convert_checkpoint(eps_checkpoint)
+    tc.convert_checkpoint(eps_checkpoint)
 
 
 # -- CLI -----------------------------------------------------------------------
@@ -333,31 +347,42 @@ def test_lpips_weights_are_kept_aside(eps_checkpoint):
 
 def test_cli_help(capsys):
   with pytest.raises(SystemExit) as e:
-    convert_torch.main(["--help"])
+    cli.main(["--help"])
   assert e.value.code == 0
   out = capsys.readouterr().out
+  assert out.startswith("usage: python -m cdc_jax.convert ")
   for word in ("checkpoint", "output_dir", "--family", "--ema", "--no-ema"):
     assert word in out
 
 
 def test_cli_without_torch(tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
-  status = convert_torch.main([str(tmp_path / "a.pt"), str(tmp_path / "o")])
+  status = cli.main([str(tmp_path / "a.pt"), str(tmp_path / "o")])
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1
   assert "pip install -r requirements-torch.txt" in err[0]
 
 
+def test_python_m_cdc_jax_convert(tmp_path):
+  """The module entry point: exit status and one-line errors on stderr."""
+
+  def run(*args):
+    cmd = [sys.executable, "-m", "cdc_jax.convert", *args]
+    kw = dict(cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, **kw)
+
+  done = run("--help")
+  assert done.returncode == 0, done.stderr
+  assert "--no-ema" in done.stdout
+  done = run(str(tmp_path / "nope.pt"), str(tmp_path / "o"))
+  err = done.stderr.strip().splitlines()
+  assert done.returncode == 2 and len(err) == 1, done.stderr
+  assert err[0].startswith("python -m cdc_jax.convert: error: ")
+  assert "no such file" in err[0] or "requirements-torch.txt" in err[0]
+  assert not os.path.exists(tmp_path / "o")
+
+
 # -- with torch ----------------------------------------------------------------
-
-
-def need_torch():
-  """Imports torch or skips the test."""
-  try:
-    import torch
-  except ImportError:
-    pytest.skip("needs torch (pip install -r requirements-torch.txt)")
-  return torch
 
 
 class NotWeights:
@@ -376,7 +401,7 @@ def _to_torch(tree):
 
 @pytest.mark.parametrize("family", ["eps", "x"])
 def test_cli_round_trip_with_torch(family, tmp_path, capsys):
-  torch = need_torch()
+  torch = pytest.importorskip("torch")
   cfg = tiny(family)
   params, online = random_params(cfg, 0), random_params(cfg, 1)
   ckpt = released_checkpoint(family, params, cfg, online)
@@ -386,30 +411,30 @@ def test_cli_round_trip_with_torch(family, tmp_path, capsys):
     ckpt["ema"].update({f"online_model.{k}": v for k, v in lp.items()})
   path, out = tmp_path / "ckpt.pt", tmp_path / "model"
   torch.save(_to_torch(ckpt), path)
-  assert convert_torch.main([str(path), str(out), "--family", family]) == 0
+  assert cli.main([str(path), str(out), "--family", family]) == 0
   printed = capsys.readouterr().out
   assert f"family {family}" in printed
-  loaded = checkpoint.load_model(str(out))
+  loaded = model_dir.load(str(out))
   assert loaded.model_config == cfg
   assert loaded.diffusion_config == TINY_DIFFUSION[family]
   assert_same_params(loaded.params, params)
   assert loaded.tables is not None and "y_scale_table" in loaded.tables
-  has_lpips = os.path.isfile(out / convert_torch.LPIPS_FILE)
+  has_lpips = os.path.isfile(out / tc.LPIPS_FILE)
   assert has_lpips == (family == "x")
   if has_lpips:
-    with np.load(out / convert_torch.LPIPS_FILE) as z:
+    with np.load(out / tc.LPIPS_FILE) as z:
       assert z["features_0/kernel"].shape == (3, 3, 3, 64)
 
 
 @pytest.mark.parametrize("content", ["garbage", "object"])
 def test_cli_not_a_checkpoint_file(content, tmp_path, capsys):
-  torch = need_torch()
+  torch = pytest.importorskip("torch")
   path = tmp_path / "bad.pt"
   if content == "garbage":
     path.write_bytes(b"this is not a checkpoint")
   else:
     torch.save({"model": NotWeights()}, path)
-  status = convert_torch.main([str(path), str(tmp_path / "out")])
+  status = cli.main([str(path), str(tmp_path / "out")])
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1
   assert "not a PyTorch checkpoint readable with weights_only=True" in err[0]
@@ -417,8 +442,8 @@ def test_cli_not_a_checkpoint_file(content, tmp_path, capsys):
 
 
 def test_cli_missing_file(tmp_path, capsys):
-  need_torch()
-  status = convert_torch.main([str(tmp_path / "nope.pt"), str(tmp_path / "o")])
+  pytest.importorskip("torch")
+  status = cli.main([str(tmp_path / "nope.pt"), str(tmp_path / "o")])
   assert status == 2
   assert "no such file" in capsys.readouterr().err
 
@@ -431,7 +456,7 @@ CONV_TS = [(4, 2, 1, 0), (5, 2, 2, 1)]
 
 @pytest.mark.parametrize("k, stride, pad", CONVS)
 def test_conv_matches_torch(k, stride, pad):
-  torch = need_torch()
+  torch = pytest.importorskip("torch")
   from cdc_jax.models import layers
 
   rng = np.random.default_rng(k + stride)
@@ -442,14 +467,14 @@ def test_conv_matches_torch(k, stride, pad):
     torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride, pad
   ).numpy()
   conv = layers.Conv(7, k, stride, pad)
-  p = {"kernel": convert_torch.CONV.to_flax(w), "bias": b}
+  p = {"kernel": transforms.CONV.to_flax(w), "bias": b}
   got = conv.apply({"params": p}, x.transpose(0, 2, 3, 1))
   np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), atol=1e-5)
 
 
 @pytest.mark.parametrize("k, stride, pad, out_pad", CONV_TS)
 def test_conv_transpose_matches_torch(k, stride, pad, out_pad):
-  torch = need_torch()
+  torch = pytest.importorskip("torch")
   from cdc_jax.models import layers
 
   rng = np.random.default_rng(k)
@@ -466,13 +491,13 @@ def test_conv_transpose_matches_torch(k, stride, pad, out_pad):
   ).numpy()
   assert want.shape[2:] == (12, 8)
   conv = layers.ConvTranspose(7, k, stride, pad, out_pad)
-  p = {"kernel": convert_torch.CONV_T.to_flax(w), "bias": b}
+  p = {"kernel": transforms.CONV_T.to_flax(w), "bias": b}
   got = conv.apply({"params": p}, x.transpose(0, 2, 3, 1))
   np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), atol=1e-5)
 
 
 def test_dense_matches_torch():
-  torch = need_torch()
+  torch = pytest.importorskip("torch")
   from cdc_jax.models import layers
 
   rng = np.random.default_rng(0)
@@ -482,13 +507,13 @@ def test_dense_matches_torch():
   want = torch.nn.functional.linear(
     torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
   ).numpy()
-  p = {"kernel": convert_torch.LINEAR.to_flax(w), "bias": b}
+  p = {"kernel": transforms.LINEAR.to_flax(w), "bias": b}
   got = layers.Dense(4).apply({"params": p}, x)
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_layer_norm_matches_torch():
-  torch = need_torch()
+  torch = pytest.importorskip("torch")
   from cdc_jax.models import layers
 
   rng = np.random.default_rng(0)
@@ -502,8 +527,8 @@ def test_layer_norm_matches_torch():
   want = (xt - mean) / (var + 1e-5).sqrt() * torch.from_numpy(g)
   want = (want + torch.from_numpy(b)).numpy()
   p = {
-    "scale": convert_torch.CHANNELS.to_flax(g),
-    "bias": convert_torch.CHANNELS.to_flax(b),
+    "scale": transforms.CHANNELS.to_flax(g),
+    "bias": transforms.CHANNELS.to_flax(b),
   }
   got = layers.LayerNorm().apply({"params": p}, x.transpose(0, 2, 3, 1))
   np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), atol=1e-5)

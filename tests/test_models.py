@@ -61,14 +61,14 @@ def test_release_shapes(family):
   x = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
 
   def ctx_fn(p, x):
-    return model.apply({"params": p}, x, method=CDC.compress_context)
+    return model.apply({"params": p}, x, method=CDC.context_model)
 
   ctx = jax.eval_shape(ctx_fn, params, x)
-  assert ctx["q_latent"].shape == (b, 4, 8, 256)
-  assert ctx["q_hyper_latent"].shape == (b, 1, 2, 256)
+  assert ctx["y_hat"].shape == (b, 4, 8, 256)
+  assert ctx["z_hat"].shape == (b, 1, 2, 256)
   assert ctx["bpp"].shape == (b,)
   c0 = 3 if family == "eps" else 64
-  assert [c.shape for c in ctx["output"]] == [
+  assert [c.shape for c in ctx["context"]] == [
     (b, h, w, c0),
     (b, h // 2, w // 2, 64),
     (b, h // 4, w // 4, 128),
@@ -318,7 +318,7 @@ def small():
   x = jnp.asarray(_rng(6).uniform(-1, 1, (2, 64, 128, 3)), jnp.float32)
 
   def init(key, x):
-    return model.init(key, x, method=CDC.compress_context)["params"]
+    return model.init(key, x, method=CDC.context_model)["params"]
 
   params = jax.jit(init)(jax.random.key(1), x)
   params = jax.tree.map(np.array, params)  # writable copies
@@ -342,7 +342,7 @@ def small():
       train=train,
       rng=rng,
       rate_noise=rate_noise,
-      method=CDC.compress_context,
+      method=CDC.context_model,
     )
 
   @jax.jit
@@ -392,9 +392,9 @@ def test_small_shapes(small):
   model, params, x, ctx, _ = small
   out = ctx(params, x, None, None)
   b, h, w = 2, 64, 128
-  assert out["q_latent"].shape == (b, 4, 8, 32)
-  assert out["q_hyper_latent"].shape == (b, 1, 2, 32)
-  assert [c.shape for c in out["output"]] == [
+  assert out["y_hat"].shape == (b, 4, 8, 32)
+  assert out["z_hat"].shape == (b, 1, 2, 32)
+  assert [c.shape for c in out["context"]] == [
     (b, h, w, 3),
     (b, h // 2, w // 2, 8),
     (b, h // 4, w // 4, 16),
@@ -404,12 +404,12 @@ def test_small_shapes(small):
   xm = CDC(**SMALL_X)
   xp = _abstract_params(xm)
   out = jax.eval_shape(
-    lambda p, x: xm.apply({"params": p}, x, method=CDC.compress_context),
+    lambda p, x: xm.apply({"params": p}, x, method=CDC.context_model),
     xp,
     x,
   )
-  assert [c.shape[-1] for c in out["output"]] == [8, 8, 16, 24]
-  assert out["q_latent"].shape == (b, 4, 8, 32)
+  assert [c.shape[-1] for c in out["context"]] == [8, 8, 16, 24]
+  assert out["y_hat"].shape == (b, 4, 8, 32)
 
 
 def test_eval_bpp_by_hand(small):
@@ -458,10 +458,10 @@ def test_decoders_see_rounded_latents_in_train_mode(small):
   tr = ctx(params, x, jax.random.key(3), None)
   ev = ctx(params, x, None, None)
   want = np.round(p["y"] - p["mu"]) + p["mu"]
-  np.testing.assert_allclose(tr["q_latent"], want, atol=1e-6)
-  np.testing.assert_allclose(ev["q_latent"], want, atol=1e-6)
-  np.testing.assert_allclose(tr["q_hyper_latent"], p["z_hat"], atol=1e-6)
-  for a, b, c in zip(tr["output"], ev["output"], p["g_s"], strict=True):
+  np.testing.assert_allclose(tr["y_hat"], want, atol=1e-6)
+  np.testing.assert_allclose(ev["y_hat"], want, atol=1e-6)
+  np.testing.assert_allclose(tr["z_hat"], p["z_hat"], atol=1e-6)
+  for a, b, c in zip(tr["context"], ev["context"], p["g_s"], strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6)
     np.testing.assert_allclose(a, c, atol=1e-5)
 
@@ -492,7 +492,7 @@ def test_rate_gradient_reaches_hyper_decoder_not_through_mean_rounding(small):
   def rate(p):
     out = model.apply(
       {"params": p}, x, train=True, rng=jax.random.key(0),
-      method=CDC.compress_context,
+      method=CDC.context_model,
     )  # fmt: skip
     return jnp.mean(out["bpp"])
 

@@ -1,18 +1,25 @@
 """Parity with the ORIGINAL PyTorch CDC code (buggyyang/CDC_compression).
 
-Needs torch (``pip install -r requirements-torch.txt``) and ``CDC_REF``, the
-path of a checkout of the original repository::
+Needs torch, einops and ema-pytorch (``pip install -r
+requirements-torch.txt``) and the original model code: ``CDC_REF``, the
+path of a checkout of the original repository (or of its model code, as in
+``../shared/cdc_ref``). When ``CDC_REF`` is unset or empty it defaults to
+``../shared/cdc_ref`` next to the repository root, if that folder exists;
+otherwise the tests skip, naming ``CDC_REF``::
 
+  python -m pytest tests/test_parity.py -s
   CDC_REF=/path/to/CDC_compression python -m pytest tests/test_parity.py -s
 
 For each family, ``parity_ref.py`` (a subprocess in the original's folder,
 with a stub ``lpips``) builds the released configuration with perturbed
 LayerNorm/prior parameters, saves it in the released checkpoint format and
 computes reference outputs for inputs made here. The checkpoint goes
-through ``cdc_jax.convert_torch``; our model then recomputes everything:
-compressor (eval), U-Net, DDIM decodes with an explicit x_T
+through ``cdc_jax.convert`` into a model directory
+(``cdc_jax.model_dir.load``); our model then recomputes everything: context
+model (eval), U-Net, DDIM decodes with an explicit x_T
 (``cdc_jax.sample.Sampler``), and the training loss
-(``cdc_jax.train.loss_fn``) with the same injected t / rate noise / eps.
+(``cdc_jax.losses.loss_fn``) with the same injected t / rate noise / eps.
+Gradients are compared in ``test_parity_grads.py``.
 The table of max errors is printed (``-s``) and, when ``PARITY_REPORT``
 names a file, appended to it.
 """
@@ -31,11 +38,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdc_jax import checkpoint, convert_torch, diffusion, train
+from cdc_jax import diffusion, losses, model_dir
+from cdc_jax.convert import infer, torch_checkpoint
 from cdc_jax.models.cdc import CDC, from_config
 from cdc_jax.sample import Sampler
 
-CDC_REF = os.environ.get("CDC_REF", "")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CDC_REF = os.path.join(_ROOT, "..", "shared", "cdc_ref")
+
+
+def _cdc_ref() -> str:
+  """$CDC_REF, else ../shared/cdc_ref when it exists, else ''."""
+  path = os.environ.get("CDC_REF", "")
+  if not path and os.path.isdir(DEFAULT_CDC_REF):
+    path = os.path.normpath(DEFAULT_CDC_REF)
+  return path
+
+
+CDC_REF = _cdc_ref()
 FOLDER = {"eps": "epsilonparam", "x": "xparam"}
 CONTEXT_CHANNELS = {"eps": 3, "x": 64}
 LAGRANGIAN = {"eps": 0.9, "x": 0.0032}  # the original test scripts' values
@@ -61,12 +81,16 @@ class LPIPS:
 '''
 
 
-def _skip_reason() -> str | None:
+def skip_reason() -> str | None:
+  """Why the parity tests cannot run here (None when they can)."""
   for mod in ("torch", "einops", "ema_pytorch"):
     if importlib.util.find_spec(mod) is None:
       return f"{mod} is not installed (pip install -r requirements-torch.txt)"
   if not CDC_REF:
-    return "set CDC_REF to a checkout of buggyyang/CDC_compression"
+    return (
+      "set CDC_REF to a checkout of buggyyang/CDC_compression (the default, "
+      f"{os.path.normpath(DEFAULT_CDC_REF)}, does not exist)"
+    )
   if not all(os.path.isdir(os.path.join(CDC_REF, f)) for f in FOLDER.values()):
     return f"CDC_REF={CDC_REF} is not a CDC_compression checkout"
   return None
@@ -74,7 +98,7 @@ def _skip_reason() -> str | None:
 
 pytestmark = [
   pytest.mark.parity,
-  pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
+  pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason())),
 ]
 
 
@@ -105,8 +129,13 @@ def _make_inputs(family: str, timesteps: int, seed: int = 0) -> dict:
   return out
 
 
-def _run_reference(family: str, tmp, inputs: dict) -> tuple[str, dict]:
-  """Runs parity_ref.py in the original's folder; returns (ckpt, outputs)."""
+def run_reference(
+  mode: str, family: str, tmp, inputs: dict
+) -> tuple[str, dict]:
+  """Runs ``parity_ref.py MODE FAMILY ...`` in the original's folder.
+
+  Returns the path of the checkpoint it saved and its outputs.
+  """
   stub = tmp / "stubs" / "lpips"
   stub.mkdir(parents=True)
   (stub / "__init__.py").write_text(_STUB_LPIPS)
@@ -120,7 +149,7 @@ def _run_reference(family: str, tmp, inputs: dict) -> tuple[str, dict]:
   # One torch thread: with more, a busy machine slows torch down ~15x.
   env.setdefault("OMP_NUM_THREADS", "1")
   script = os.path.join(os.path.dirname(__file__), "parity_ref.py")
-  cmd = [sys.executable, script, family, in_path, ckpt, out_path]
+  cmd = [sys.executable, script, mode, family, in_path, ckpt, out_path]
   proc = subprocess.run(
     [str(c) for c in cmd],
     cwd=folder,
@@ -130,7 +159,7 @@ def _run_reference(family: str, tmp, inputs: dict) -> tuple[str, dict]:
     timeout=900,
   )
   if proc.returncode != 0:
-    pytest.fail(f"parity_ref.py {family} failed:\n{proc.stderr[-3000:]}")
+    pytest.fail(f"parity_ref.py {mode} {family} failed:\n{proc.stderr[-3000:]}")
   with np.load(out_path) as z:
     return str(ckpt), {k: z[k] for k in z.files}
 
@@ -138,25 +167,18 @@ def _run_reference(family: str, tmp, inputs: dict) -> tuple[str, dict]:
 # -- our side ------------------------------------------------------------------
 
 
-def _nhwc(a):
+def nhwc(a):
   return np.asarray(a).transpose(0, 2, 3, 1)
 
 
 def _loss_fn(model, family, sched):
-  """cdc_jax.train.loss_fn, jitted, with the original's lambda."""
-  sched_arrays = tuple(
-    jnp.asarray(a)
-    for a in (
-      sched.sqrt_alphas_cumprod,
-      sched.sqrt_one_minus_alphas_cumprod,
-      sched.snr,
-    )
-  )
+  """cdc_jax.losses.loss_fn, jitted, with the original's lambda."""
+  sched_arrays = losses.schedule_arrays(sched)
   lam = jnp.float32(LAGRANGIAN[family])
 
   @jax.jit
   def run(params, x0, t, noise, rate_noise):
-    _, aux = train.loss_fn(
+    _, aux = losses.loss_fn(
       params, model, sched_arrays, x0, t, noise, rate_noise, lam
     )
     return aux
@@ -201,15 +223,15 @@ def parity(request, tmp_path_factory):
   """Runs both sides for one family; returns the table of errors."""
   family = request.param
   tmp = tmp_path_factory.mktemp(f"parity_{family}")
-  timesteps = convert_torch.RELEASE_DIFFUSION[family]["timesteps"]
+  timesteps = infer.RELEASE_DIFFUSION[family]["timesteps"]
   inputs = _make_inputs(family, timesteps)
   t0 = time.perf_counter()
-  ckpt, ref = _run_reference(family, tmp, inputs)
+  ckpt, ref = run_reference("forward", family, tmp, inputs)
   t_ref = time.perf_counter() - t0
 
-  conv, _ = convert_torch.convert_file(ckpt, str(tmp / "model"), family)
-  loaded = checkpoint.load_model(str(tmp / "model"))
-  assert loaded.diffusion_config == convert_torch.RELEASE_DIFFUSION[family]
+  conv, _ = torch_checkpoint.convert_file(ckpt, str(tmp / "model"), family)
+  loaded = model_dir.load(str(tmp / "model"))
+  assert loaded.diffusion_config == infer.RELEASE_DIFFUSION[family]
   model = from_config(loaded.model_config)
   params = jax.tree.map(jnp.asarray, loaded.params)
   dcfg = loaded.diffusion_config
@@ -219,49 +241,49 @@ def parity(request, tmp_path_factory):
   table = _Table(family)
   p = {"params": params}
   denoise = jax.jit(functools.partial(model.apply, method=CDC.denoise))
-  compress = jax.jit(
-    functools.partial(model.apply, method=CDC.compress_context)
+  context_model = jax.jit(
+    functools.partial(model.apply, method=CDC.context_model)
   )
 
   # U-Net on given x_t, time and context maps.
-  ctx_in = [jnp.asarray(_nhwc(inputs[f"unet_ctx_{i}"])) for i in range(4)]
+  ctx_in = [jnp.asarray(nhwc(inputs[f"unet_ctx_{i}"])) for i in range(4)]
   out = denoise(
     p,
-    jnp.asarray(_nhwc(inputs["unet_x"])),
+    jnp.asarray(nhwc(inputs["unet_x"])),
     jnp.asarray(inputs["unet_time"]),
     ctx_in,
   )
-  table.add("unet", "unet(x_t, t, ctx)", out, _nhwc(ref["unet_out"]))
+  table.add("unet", "unet(x_t, t, ctx)", out, nhwc(ref["unet_out"]))
 
   for k, (_, h, w, steps) in enumerate(SETS):
     tag = f"[{k}:{h}x{w}]"
-    x = jnp.asarray(_nhwc(inputs[f"images_{k}"]))
-    res = compress(p, x)
-    for name, key in (("y_hat", "q_latent"), ("z_hat", "q_hyper_latent")):
-      ours, theirs = np.asarray(res[key]), _nhwc(ref[f"{name}_{k}"])
+    x = jnp.asarray(nhwc(inputs[f"images_{k}"]))
+    res = context_model(p, x)
+    for name in ("y_hat", "z_hat"):
+      ours, theirs = np.asarray(res[name]), nhwc(ref[f"{name}_{k}"])
       flips = int(np.sum(np.abs(ours - theirs) > 0.5))
       table.add(name, f"{name} {tag}", ours, theirs, f"round flips {flips}")
     for i in range(4):
       table.add(
         "context",
         f"context c{i} {tag}",
-        res["output"][i],
-        _nhwc(ref[f"ctx_{k}_{i}"]),
+        res["context"][i],
+        nhwc(ref[f"ctx_{k}_{i}"]),
       )
     table.add("bpp", f"bpp eval {tag}", res["bpp"], ref[f"bpp_{k}"])
 
-    init = jnp.asarray(_nhwc(inputs[f"init_{k}"]))
+    init = jnp.asarray(nhwc(inputs[f"init_{k}"]))
     for s in steps:
       rec, bpp = sampler.reconstruct(params, x, init, s)
-      ref_rec = _nhwc(ref[f"ddim_{k}_{s}"])
+      ref_rec = nhwc(ref[f"ddim_{k}_{s}"])
       note = f"max|ref| {np.abs(ref_rec).max():.3g}"
       table.add("ddim", f"ddim S={s} {tag}", rec, ref_rec, note)
       table.add("bpp", f"ddim bpp S={s} {tag}", bpp, ref[f"ddim_bpp_{k}_{s}"])
 
     t = jnp.asarray(inputs[f"t_{k}"])
-    uz = _nhwc(inputs[f"rz_{k}"]) - np.float32(0.5)
-    uy = _nhwc(inputs[f"ry_{k}"]) - np.float32(0.5)
-    eps = jnp.asarray(_nhwc(inputs[f"eps_{k}"]))
+    uz = nhwc(inputs[f"rz_{k}"]) - np.float32(0.5)
+    uy = nhwc(inputs[f"ry_{k}"]) - np.float32(0.5)
+    eps = jnp.asarray(nhwc(inputs[f"eps_{k}"]))
     aux = loss_fn(params, x, t, eps, (jnp.asarray(uz), jnp.asarray(uy)))
     note = f"t={inputs[f't_{k}'].tolist()}"
     ref_bpp = np.mean(ref[f"train_bpp_{k}"].astype(np.float64))
@@ -295,7 +317,7 @@ def test_converter_picks_released_weights(parity):
   assert parity.source == ("model" if parity.family == "eps" else "ema")
 
 
-def test_compressor(parity):
+def test_context_model(parity):
   for group in ("y_hat", "z_hat", "context", "bpp"):
     _check(parity, group)
 
@@ -318,19 +340,19 @@ def test_converted_checkpoint_through_codec_cli(parity, tmp_path, capsys):
   from PIL import Image
   from skimage import data as skdata
 
-  from cdc_jax import codec
+  from cdc_jax.codec import cli
 
   src = tmp_path / "in.png"
   Image.fromarray(skdata.astronaut()[100:150, 200:270]).save(src)
   cdcj, out = tmp_path / "in.cdcj", tmp_path / "out.png"
   model = parity.model_dir
   assert (
-    codec.main(
+    cli.main(
       ["compress", "--model", model, "--steps", "2", str(src), str(cdcj)]
     )
     == 0
   )
   assert "bpp" in capsys.readouterr().out
-  assert codec.main(["decompress", "--model", model, str(cdcj), str(out)]) == 0
+  assert cli.main(["decompress", "--model", model, str(cdcj), str(out)]) == 0
   img = np.asarray(Image.open(out))
   assert img.shape == (50, 70, 3) and img.dtype == np.uint8

@@ -1,14 +1,22 @@
-"""CDC: a compressor ("context_fn") conditioning a U-Net ("denoise_fn").
+"""CDC: a context model ("context_fn") conditioning a U-Net ("denoise_fn").
 
 ::
 
-  image x0 --context_fn--> (bpp, y_hat, z_hat, context maps c0..c3)
+  x0 --g_a--> y --h_a--> z --Q--> z_hat --h_s--> (mu, sigma)
+                                                     |
+  y --Q(mu)--> y_hat --g_s--> context maps c0..c3    |  rate: -log2 p(y_hat),
+                                                     |        -log2 p(z_hat)
   x_t, t, context --denoise_fn--> eps-hat (family "eps") / x0-hat ("x")
 
 Two released families (spec §0): ``eps`` (BigCompressor, 3-channel context,
 linear T=20000, L1 on eps) and ``x`` (ResnetCompressor, 64-channel context,
 cosine T=8193, min(SNR,5)-weighted L2 on x0). The param tree is
 ``{"context_fn": ..., "denoise_fn": ...}``, mirroring the torch state_dict.
+
+``from_config`` / ``to_config`` are the one (de)serialiser of the model's
+settings (config sections and ``model.json`` hold lists, the module
+tuples). The geometry (``downsampling_factor``, ``latent_shapes``) is the
+model's, so callers never hard-code 16 or 64.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cdc_jax.models.analysis import Compressor
+from cdc_jax.models.context_model import ContextModel
 from cdc_jax.models.unet import Unet
 
 FAMILIES = ("eps", "x")
@@ -50,7 +58,7 @@ class CDC(nn.Module):
     else:
       rev = None
       unet_ctx = tuple(self.context_dim_mults)
-    self.context_fn = Compressor(
+    self.context_fn = ContextModel(
       dim=self.dim,
       dim_mults=tuple(self.context_dim_mults),
       hyper_dims_mults=tuple(self.hyper_dims_mults),
@@ -68,12 +76,50 @@ class CDC(nn.Module):
       dtype=dt,
     )
 
+  # -- geometry (plain attributes: usable on an unbound module) --------------
+
+  @property
+  def y_factor(self) -> int:
+    """g_a's downsampling: one stride-2 stage per context level (16)."""
+    return 2 ** len(self.context_dim_mults)
+
+  @property
+  def z_factor(self) -> int:
+    """y_factor times h_a's (its first conv keeps the size): 64."""
+    return self.y_factor * 2 ** (len(self.hyper_dims_mults) - 1)
+
+  @property
+  def downsampling_factor(self) -> int:
+    """Image sides must be multiples of this (the codec pads to it)."""
+    unet = 2 ** (len(self.dim_mults) - 1)
+    return max(self.z_factor, unet)
+
+  @nn.nowrap
+  def latent_shapes(self, batch: int, height: int, width: int):
+    """Shapes of y and z for [batch, height, width, 3] inputs."""
+    for side in (height, width):
+      if side % self.downsampling_factor:
+        raise ValueError(
+          f"image side {side} is not a multiple of "
+          f"{self.downsampling_factor}; pad it first"
+        )
+    cy = self.dim * self.context_dim_mults[-1]
+    cz = self.dim * self.hyper_dims_mults[-1]
+    fy, fz = self.y_factor, self.z_factor
+    return {
+      "y": (batch, height // fy, width // fy, cy),
+      "z": (batch, height // fz, width // fz, cz),
+    }
+
+  # -- methods the trainer, the sampler and the codec apply ------------------
+
   def __call__(self, x0, time, train: bool = False, rng=None):
     """Context of x0 and one U-Net evaluation at x0 (used to init params)."""
-    ctx = self.context_fn(x0, train=train, rng=rng)
-    return self.denoise_fn(x0, time, ctx["output"]), ctx
+    out = self.context_fn(x0, train=train, rng=rng)
+    return self.denoise_fn(x0, time, out["context"]), out
 
-  def compress_context(self, x, train: bool = False, rng=None, rate_noise=None):
+  def context_model(self, x, train: bool = False, rng=None, rate_noise=None):
+    """The context model's forward: context maps, bpp, y_hat, z_hat."""
     return self.context_fn(x, train=train, rng=rng, rate_noise=rate_noise)
 
   def denoise(self, x_t, time, context):
@@ -82,7 +128,6 @@ class CDC(nn.Module):
   def extra_loss(self):
     return self.context_fn.extra_loss()
 
-  # Pieces of the compressor that the codec calls one at a time.
   def g_a(self, x):
     return self.context_fn.g_a(x)
 
@@ -98,8 +143,19 @@ class CDC(nn.Module):
   def medians(self):
     return self.context_fn.medians()
 
+  def z_likelihood(self, z_hat):
+    return self.context_fn.z_likelihood(z_hat)
+
   def z_logits_cdf(self, u):
     return self.context_fn.z_logits_cdf(u)
+
+
+def init_params(model: CDC, rng):
+  """Fresh params of ``model`` (jit it, or ``jax.eval_shape`` for shapes)."""
+  side = model.downsampling_factor
+  x = jnp.zeros((1, side, side, model.channels), jnp.float32)
+  t = jnp.zeros((1, 1), jnp.float32)
+  return model.init(rng, x, t)["params"]
 
 
 def from_config(config: Mapping) -> CDC:
@@ -107,3 +163,11 @@ def from_config(config: Mapping) -> CDC:
   the module stays hashable for jit)."""
   kw = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
   return CDC(**kw)
+
+
+def to_config(config: Mapping) -> dict:
+  """A model config (section, dict or ``CDC``) as plain JSON values."""
+  if isinstance(config, CDC):
+    names = [f for f in CDC.__dataclass_fields__ if f not in ("parent", "name")]
+    config = {k: getattr(config, k) for k in names}
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}

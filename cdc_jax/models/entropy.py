@@ -4,6 +4,8 @@
   (Balle et al. 2018, appendix 6.1; "FlexiblePrior" in the original), with
   learned medians trained by an extra loss.
 * ``gaussian_likelihood``: the conditional Gaussian of the latent y.
+* ``quantize``: every rounding of CDC, in one function (CompressAI's
+  modes): training noise, the decoders' rounded values, the coded symbols.
 * ``ste_round`` and ``lower_bound``: the custom gradients of the original.
 
 Likelihoods are probabilities of the unit-width bin around a value, floored
@@ -25,6 +27,33 @@ LIKELIHOOD_BOUND = 1e-9
 def ste_round(x):
   """Round half to even in the forward pass, identity gradient."""
   return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+# Symbols are int32; float32 cannot hold 2**31 - 1 exactly.
+_SYMBOL_LIMIT = 2.0**31 - 128
+
+
+def quantize(x, mode: str, offset=None, noise=None):
+  """Quantisation of a latent about ``offset`` (medians for z, mu for y).
+
+  Modes:
+    "noise": ``x + noise`` (the training rate term's U(-0.5, 0.5) proxy;
+      ``offset`` unused).
+    "dequantize": ``round(x - offset) + offset`` with an identity gradient
+      (what the decoders see, in training and at test time).
+    "symbols": ``round(x - offset)`` as int32, clipped to the int32 range
+      (what the range coder codes; ``y_hat = symbols + offset``).
+  Rounding is half to even, as the original's ``torch.round``.
+  """
+  if mode == "noise":
+    return x + noise
+  off = 0.0 if offset is None else offset
+  if mode == "dequantize":
+    return ste_round(x - off) + off
+  if mode == "symbols":
+    r = jnp.round(x - off)
+    return jnp.clip(r, -_SYMBOL_LIMIT, _SYMBOL_LIMIT).astype(jnp.int32)
+  raise ValueError(f"unknown quantize mode {mode!r}")
 
 
 @jax.custom_vjp

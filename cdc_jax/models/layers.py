@@ -4,7 +4,7 @@ Everything is NHWC. Convolutions use explicit, symmetric PyTorch-style
 padding (never Flax ``SAME``, which pads stride-2 convs asymmetrically), and
 transposed convolutions reproduce ``torch.nn.ConvTranspose2d`` exactly, so
 released PyTorch weights drop in through one mechanical table
-(``cdc_jax.convert_torch``).
+(``cdc_jax.convert``).
 
 Parameters are float32. ``dtype`` is the compute dtype of convolutions and
 matmuls (``jnp.bfloat16`` for mixed precision on accelerators); norms,

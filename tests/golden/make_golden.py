@@ -23,29 +23,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cdc_jax import checkpoint, codec  # noqa: E402
-from cdc_jax.models.cdc import from_config  # noqa: E402
+from cdc_jax import codec, model_dir  # noqa: E402
+from cdc_jax.models.cdc import from_config, init_params  # noqa: E402
+from cdc_jax.testing import DIFFUSIONS, TINY_MODELS  # noqa: E402
 
-FAMILIES = {
-  "eps": (
-    {"family": "eps", "dim": 4},
-    {"schedule": "linear", "timesteps": 20000},
-  ),
-  "x": (
-    {
-      "family": "x",
-      "dim": 4,
-      "reverse_context_dim_mults": [4, 3, 2, 1],
-      "context_channels": 4,
-    },
-    {"schedule": "cosine", "timesteps": 8193},
-  ),
-}
+FAMILIES = {f: (TINY_MODELS[f], DIFFUSIONS[f]) for f in ("eps", "x")}
 STEPS, GAMMA, SEED = 3, 0.8, 12345
 CROP = (slice(40, 137), slice(100, 230))  # 97 x 130: padded on both sides
 
@@ -61,9 +47,7 @@ def numpy_params(model, seed: int = 7) -> dict:
   differently under other compile options, and the golden model must be
   the same bits everywhere (its fingerprint is in the files).
   """
-  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  t = jnp.zeros((1, 1), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -84,9 +68,8 @@ def export_model(family: str, directory: str) -> str:
   model_config, diffusion_config = FAMILIES[family]
   model = from_config(model_config)
   params = numpy_params(model)
-  tables = codec.build_entropy_tables(model, params)
-  checkpoint.export_model(
-    directory, model_config, diffusion_config, params, tables, "golden"
+  model_dir.export(
+    directory, model_config, diffusion_config, params, source="golden"
   )
   return directory
 

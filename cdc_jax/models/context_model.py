@@ -1,4 +1,4 @@
-"""The compressor ("context_fn"): g_a, h_a, h_s, entropy models, g_s.
+"""The context model ("context_fn"): g_a, h_a, h_s, entropy models, g_s.
 
 Data flow (spec §4.4; eps family shown, x differs in the context channels)::
 
@@ -8,7 +8,9 @@ Data flow (spec §4.4; eps family shown, x differs in the context channels)::
   y_hat = round(y - sg(mu)) + sg(mu)                 (conditional Gaussian)
   context = g_s(y_hat) = [c0 @ H, c1 @ H/2, c2 @ H/4, c3 @ H/8]
 
-``Compressor`` covers both released classes: ``BigCompressor`` (eps; its
+The original calls it a "compressor"; it is the part of CDC that produces
+the bits and the U-Net's conditioning. ``ContextModel`` covers both
+released classes: ``BigCompressor`` (eps; its
 torch ModuleLists hold an Identity "VBR slot" at index 1, so Down/Upsample
 sit at index 2) and ``ResnetCompressor`` (x; ``reverse_dim_mults`` given,
 Down/Upsample at index 1). Submodule names mirror the torch keys with "."
@@ -17,7 +19,6 @@ replaced by "_" (``enc.0.2.conv`` -> ``enc_0_2/conv``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -28,14 +29,13 @@ from cdc_jax.models import layers
 from cdc_jax.models.entropy import (
   FactorizedPrior,
   gaussian_likelihood,
-  ste_round,
+  quantize,
 )
 
 SCALE_MIN = 0.1  # the original clamps the Gaussian scale at 0.1
-DOWNSAMPLING_FACTOR = 64  # g_a (16) times h_a (4)
 
 
-class Compressor(nn.Module):
+class ContextModel(nn.Module):
   """Analysis transform, hyperprior and context decoder of CDC."""
 
   dim: int = 64
@@ -151,21 +151,21 @@ class Compressor(nn.Module):
   # -- the original's forward ------------------------------------------------
 
   def __call__(self, x, train: bool = False, rng=None, rate_noise=None):
-    """Returns dict(output=context list, bpp [B], q_latent, q_hyper_latent).
+    """Returns dict(context, bpp [B], y_hat, z_hat, likelihoods).
 
-    In training mode (``train=True``) the rate term uses additive uniform
-    noise U(-0.5, 0.5): ``rate_noise=(u_z, u_y)`` if given (parity tests),
-    else drawn from ``rng`` (first for z, then for y, as the original).
-    The decoders always see the rounded values.
+    ``context`` is the list of context maps (``g_s``), ``likelihoods``
+    ``{"y": [B,h,w,C], "z": [B,h',w',C']}`` the bin probabilities the rate
+    is computed from. In training mode (``train=True``) the rate term uses
+    additive uniform noise U(-0.5, 0.5): ``rate_noise=(u_z, u_y)`` if given
+    (parity tests), else drawn from ``rng`` (first for z, then for y, as
+    the original). The decoders always see the rounded values.
     """
     b, h, w, _ = x.shape
     y = self.g_a(x)
     z = self.h_a(y)
-    med = self.medians()
-    z_hat = ste_round(z - med) + med
+    z_hat = quantize(z, "dequantize", self.medians())
     mean, scale = self.h_s(z_hat)
-    mu_sg = jax.lax.stop_gradient(mean)
-    y_hat = ste_round(y - mu_sg) + mu_sg
+    y_hat = quantize(y, "dequantize", jax.lax.stop_gradient(mean))
     if train:
       if rate_noise is None:
         if rng is None:
@@ -175,27 +175,19 @@ class Compressor(nn.Module):
           jax.random.uniform(kz, z.shape, z.dtype, -0.5, 0.5),
           jax.random.uniform(ky, y.shape, y.dtype, -0.5, 0.5),
         )
-      z_tilde, y_tilde = z + rate_noise[0], y + rate_noise[1]
+      z_tilde = quantize(z, "noise", noise=rate_noise[0])
+      y_tilde = quantize(y, "noise", noise=rate_noise[1])
     else:
       z_tilde, y_tilde = z_hat, y_hat
-    bits_z = -jnp.log2(self.z_likelihood(z_tilde))
-    bits_y = -jnp.log2(gaussian_likelihood(y_tilde, mean, scale))
-    bits = jnp.sum(bits_z, axis=(1, 2, 3)) + jnp.sum(bits_y, axis=(1, 2, 3))
-    bpp = bits / (h * w)
-    context = self.g_s(y_hat)
-    return {
-      "output": context,
-      "bpp": bpp,
-      "q_latent": y_hat,
-      "q_hyper_latent": z_hat,
-    }
-
-
-def check_image_size(h: int, w: int, multiple: int = DOWNSAMPLING_FACTOR):
-  """The model's own constraint; the codec pads to it (see cdc_jax.codec)."""
-  if h % multiple or w % multiple:
-    raise ValueError(
-      f"image size {h}x{w} is not a multiple of {multiple}; pad it first "
-      f"(to {math.ceil(h / multiple) * multiple}x"
-      f"{math.ceil(w / multiple) * multiple})"
+    z_likelihoods = self.z_likelihood(z_tilde)
+    y_likelihoods = gaussian_likelihood(y_tilde, mean, scale)
+    bits = jnp.sum(-jnp.log2(z_likelihoods), axis=(1, 2, 3)) + jnp.sum(
+      -jnp.log2(y_likelihoods), axis=(1, 2, 3)
     )
+    return {
+      "context": self.g_s(y_hat),
+      "bpp": bits / (h * w),
+      "y_hat": y_hat,
+      "z_hat": z_hat,
+      "likelihoods": {"y": y_likelihoods, "z": z_likelihoods},
+    }

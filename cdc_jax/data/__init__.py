@@ -1,0 +1,2 @@
+"""Training data: sources of images (``sources``) and the batch loader
+(``loader``)."""

@@ -1,0 +1,2 @@
+"""Evaluation: metrics, the held-out photo report, and (later) datasets,
+baselines and rate-distortion reports."""

@@ -1,0 +1,63 @@
+"""The main job's modes, one function each (``cdc_jax.main`` calls them).
+
+``train``: trains, exports ``workdir/model`` and prints the held-out
+report made through the real file codec. ``export``: ``workdir/model``
+from the latest checkpoint (params only; no optimizer is built).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from cdc_jax import model_dir, train
+from cdc_jax.coding.errors import BitstreamError
+from cdc_jax.data.sources import EmbeddedSource
+from cdc_jax.eval import held_out
+from cdc_jax.imageio import ImageError, WriteError
+from cdc_jax.sharding import ShardingError
+
+logger = logging.getLogger(__name__)
+
+# Errors reported as one line (and exit status 2), never as a traceback.
+USER_ERRORS = (
+  train.TrainingError,
+  ImageError,
+  WriteError,
+  model_dir.ModelError,
+  ShardingError,
+  BitstreamError,
+  FileNotFoundError,
+  ValueError,
+)
+
+
+def train_job(config, workdir: str) -> dict:
+  """Trains in ``workdir``; process 0 then prints the held-out report."""
+  if config.data.name == "embedded" and config.model.dim >= 64:
+    logger.warning(
+      "training the full model on the %d embedded photos: fine as a smoke "
+      "test, useless for a real model. Point it at Vimeo-90k with "
+      "--config.data.name=vimeo --config.data.path=/path/to/"
+      "vimeo_septuplet (with sep_trainlist.txt and sequences/).",
+      len(EmbeddedSource()),
+    )
+  metrics = train.train_and_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    rep = held_out.report(
+      os.path.join(workdir, train.MODEL_DIR),
+      workdir,
+      config.eval.steps,
+      config.eval.gamma,
+    )
+    print(held_out.summary(rep))
+  return metrics
+
+
+def export_job(workdir: str) -> str:
+  """Writes ``workdir/model`` from the latest checkpoint; returns its path."""
+  out = model_dir.export_workdir(workdir)
+  print(f"exported {out}")
+  return out
