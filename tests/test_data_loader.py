@@ -14,6 +14,7 @@ from cdc_jax.data.sources import ImageFolderSource
 from cdc_jax.imageio import ImageError
 
 LOGGER = "cdc_jax.data.loader"
+SCREEN_LOGGER = "cdc_jax.data.screen"
 
 
 def _noise(h, w, seed=0):
@@ -90,11 +91,17 @@ def test_random_crop_too_small_is_clear():
     loader_lib.random_crop(img, 65, rng)
 
 
-def test_too_small_image_surfaces_from_loader(tmp_path):
-  source = ImageFolderSource(_folder(tmp_path, 2, h=20, w=20))
+def test_too_small_images_only_is_a_clear_error(tmp_path):
+  _folder(tmp_path, 2, h=20, w=24)
+  source = ImageFolderSource(tmp_path)
   with Loader(source, 2, 32, seed=0) as loader:
-    with pytest.raises(ImageError, match="remove the file"):
+    with pytest.raises(ValueError, match="no usable images") as e:
       next(loader)
+  msg = str(e.value)
+  assert str(tmp_path) in msg
+  assert "2 smaller than the 32x32 crop" in msg
+  # The biggest square the small images allow, as a hint.
+  assert "allows a 20x20 crop" in msg and "crop_size" in msg
 
 
 # --- batches ---------------------------------------------------------------
@@ -180,7 +187,7 @@ def test_cache_reads_each_item_once():
 def test_bad_item_is_skipped_read_once_and_logged_once(caplog):
   source = _ArraySource(3, bad={1})
   loader = Loader(source, 6, 16, seed=0, cache=False)
-  with caplog.at_level(logging.WARNING, logger=LOGGER):
+  with caplog.at_level(logging.WARNING, logger=SCREEN_LOGGER):
     batches = [loader.batch_at(k) for k in range(5)]
   used = {int(v) for b in batches for v in b[:, 0, 0, 0]}
   assert used == {0, 2}
@@ -196,7 +203,7 @@ def test_folder_skips_bad_file_with_warning(tmp_path, caplog):
   source = ImageFolderSource(root)
   assert len(source) == 2
   loader = Loader(source, batch_size=6, crop_size=32, seed=0)
-  with caplog.at_level(logging.WARNING, logger=LOGGER):
+  with caplog.at_level(logging.WARNING, logger=SCREEN_LOGGER):
     batches = [loader.batch_at(k) for k in range(3)]
   # Only the good image (colour 0) is ever used.
   assert all((b == 0).all() for b in batches)
@@ -208,16 +215,17 @@ def test_folder_all_bad_raises_naming_folder(tmp_path):
   (tmp_path / "a.png").write_text("garbage")
   (tmp_path / "b.jpg").write_text("garbage")
   loader = Loader(ImageFolderSource(tmp_path), 2, 8, seed=0)
-  with pytest.raises(ValueError, match="no readable images") as e:
+  with pytest.raises(ValueError, match="no usable images") as e:
     next(loader)
   assert str(tmp_path) in str(e.value)
+  assert "all 2 files were skipped (2 unreadable" in str(e.value)
   loader.close()
 
 
 def test_all_bad_stops_after_trying_each_item_once():
   source = _ArraySource(5, bad=range(5))
   loader = Loader(source, 4, 8, seed=0, cache=False)
-  with pytest.raises(ValueError, match="5 files tried"):
+  with pytest.raises(ValueError, match="all 5 files were skipped"):
     loader.batch_at(0)
   assert source.reads == [1] * 5
 

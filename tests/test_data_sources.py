@@ -1,5 +1,7 @@
 """Tests of cdc_jax.data.sources: folders, Vimeo-90k, embedded photos."""
 
+import errno
+import logging
 import os
 import types
 
@@ -68,6 +70,65 @@ def test_find_images_is_recursive_sorted_and_filtered(tmp_path):
     sources.find_images(tmp_path / "c.txt")
 
 
+def test_find_images_follows_links_once_and_survives_loops(tmp_path):
+  root, outside = tmp_path / "root", tmp_path / "outside"
+  _save(root / "a" / "x.png", np.zeros((4, 4, 3), np.uint8))
+  _save(outside / "y.png", np.zeros((4, 4, 3), np.uint8))
+  os.symlink(root, root / "a" / "loop")  # a link back to an ancestor
+  os.symlink(root / "a", root / "b")  # a second name for 'a'
+  os.symlink(outside, root / "ext")  # a linked folder outside root
+  os.symlink(tmp_path / "nowhere.png", root / "dangling.png")
+  found = [os.path.relpath(p, root) for p in sources.find_images(root)]
+  # Each real folder once, by its first name in sorted order; the broken
+  # link is listed (the loader skips it as unreadable).
+  assert found == [
+    os.path.join("a", "x.png"),
+    "dangling.png",
+    os.path.join("ext", "y.png"),
+  ]
+
+
+def test_find_images_skips_unlistable_subfolder(tmp_path, monkeypatch, caplog):
+  for rel in ("ok/x.png", "locked/y.png", "z.png"):
+    _save(tmp_path / rel, np.zeros((4, 4, 3), np.uint8))
+  locked = os.path.join(str(tmp_path), "locked")
+  real_scandir = os.scandir
+
+  def scandir(path="."):
+    if os.fspath(path) in (locked, str(tmp_path / "gone")):
+      raise PermissionError(errno.EACCES, "Permission denied", path)
+    return real_scandir(path)
+
+  monkeypatch.setattr(os, "scandir", scandir)
+  with caplog.at_level(logging.WARNING, logger="cdc_jax.data.sources"):
+    found = sources.find_images(tmp_path)
+  assert [os.path.relpath(p, tmp_path) for p in found] == [
+    os.path.join("ok", "x.png"),
+    "z.png",
+  ]
+  (record,) = caplog.records
+  assert locked in record.getMessage() and "cannot list" in record.getMessage()
+  (tmp_path / "gone").mkdir()
+  with pytest.raises(ValueError, match="cannot be listed") as e:
+    sources.find_images(tmp_path / "gone")
+  assert "gone" in str(e.value)
+
+
+@pytest.mark.skipif(
+  not hasattr(os, "geteuid") or os.geteuid() == 0,
+  reason="permissions do not apply to root",
+)
+def test_find_images_unreadable_folder_for_real(tmp_path):
+  _save(tmp_path / "locked" / "y.png", np.zeros((4, 4, 3), np.uint8))
+  _save(tmp_path / "z.png", np.zeros((4, 4, 3), np.uint8))
+  os.chmod(tmp_path / "locked", 0)
+  try:
+    found = sources.find_images(tmp_path)
+  finally:
+    os.chmod(tmp_path / "locked", 0o755)
+  assert found == [str(tmp_path / "z.png")]
+
+
 def test_folder_source_reads_images_by_index(tmp_path):
   source = sources.ImageFolderSource(_folder(tmp_path, 3))
   assert len(source) == 3
@@ -89,11 +150,20 @@ def test_folder_source_bad_file_raises_image_error(tmp_path):
   assert e.value.path == source.name(0)
 
 
-def test_empty_folder_error_names_it(tmp_path):
+def test_empty_folder_error_names_it_and_what_it_holds(tmp_path):
   (tmp_path / "readme.txt").write_text("hi")
+  (tmp_path / "sub").mkdir()
+  for name in ("a.HEIC", "b.heic", "LICENSE"):
+    (tmp_path / "sub" / name).write_text("x")
   with pytest.raises(ValueError, match="no images") as e:
     sources.ImageFolderSource(tmp_path)
   assert str(tmp_path) in str(e.value)
+  assert "found 4 other files (.heic: 2, .txt: 1, no extension: 1)" in str(
+    e.value
+  )
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="found no files at all"):
+    sources.ImageFolderSource(tmp_path / "empty")
   with pytest.raises(ValueError, match="does not exist"):
     sources.ImageFolderSource(tmp_path / "nope")
 

@@ -1,2 +1,3 @@
-"""Training data: sources of images (``sources``) and the batch loader
+"""Training data: sources of images (``sources``), which files are usable
+(``screen``: skip warnings and the summary) and the batch loader
 (``loader``)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cdc_jax.data.screen import Screen, Skipped
 from cdc_jax.data.sources import Source
 from cdc_jax.imageio import ImageError
 
@@ -75,12 +76,27 @@ class Loader(Iterator[np.ndarray]):
   k])``. A run resumed with ``start_step=k`` therefore sees exactly the
   batches an uninterrupted run would, without replaying earlier ones.
 
-  Items that fail to decode (``ImageError`` from the source) are logged
-  once by name and replaced by another random draw; if every item of
-  the shard fails, ``ValueError`` is raised. An image smaller than the
-  crop raises ``ImageError``. Batches are built by a daemon thread that
-  keeps up to ``prefetch`` ready; errors there are re-raised by
-  ``next()``. Call ``close()`` (or use ``with``) to stop the thread.
+  Unusable items are skipped (``cdc_jax.data.screen``): those that fail
+  to decode (``ImageError`` from the source: empty, truncated, not an
+  image, ...) and images smaller than the crop on either side (skipped,
+  not padded). Each is logged once by name and a draw that hits one is
+  simply redrawn. Whether an item is usable depends only on the item, so
+  with bad files present batch ``k`` is still a pure function of (seed,
+  process_index, k), the same in a fresh ``Loader``. Once every item of
+  the shard has been checked, one summary line is logged ("skipped 3 of
+  9 files: 2 unreadable, 1 smaller than the 64x64 crop"); ``skipped``
+  gives the counts at any time. If no item of the shard is usable,
+  ``ValueError`` is raised at the first batch, from ``next()`` or
+  ``batch_at``, before any training step runs (only decoding can tell,
+  and a real data set is too big to decode up front), or earlier by
+  ``require_usable()``, which decodes until it finds one usable item.
+
+  Batches are built by a daemon thread that keeps up to ``prefetch``
+  ready; while the queue is full it checks the not yet drawn items in
+  shard order, so the summary comes after one pass over the files even
+  on a data set too big for random draws to cover. Errors in the thread
+  are re-raised by ``next()``. Call ``close()`` (or use ``with``) to stop
+  the thread.
 
   Attributes:
     step: index of the batch the next ``next()`` returns.
@@ -144,39 +160,58 @@ class Loader(Iterator[np.ndarray]):
       self.indices = list(range(len(source)))
     if cache is None:
       cache = len(source) <= CACHE_MAX_ITEMS
-    self._cache: dict[int, np.ndarray] | None = {} if cache else None
-    self._bad: set[int] = set()
-    self._lock = threading.Lock()
+    where = repr(source)
+    if process_count > 1:
+      where += f" (process {process_index} of {process_count})"
+    self._screen = Screen(source, self.indices, crop_size, cache, where)
     self._prefetch = max(1, prefetch)
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
     self._failure: BaseException | None = None
 
-  # Building batches (pure functions of the step, bar the cache).
+  # Building batches (pure functions of the step).
 
-  def _load(self, i: int) -> np.ndarray | None:
-    """Decodes item ``i``, or returns None (warning once) if it fails."""
-    with self._lock:
-      if i in self._bad:
-        return None
-      if self._cache is not None and i in self._cache:
-        return self._cache[i]
-    try:
-      img = self.source[i]
-    except ImageError as e:
-      with self._lock:
-        if i not in self._bad:
-          self._bad.add(i)
-          logger.warning("Skipping unreadable image %s", e)
-      return None
-    if self._cache is not None:
-      with self._lock:
-        self._cache[i] = img
-    return img
+  @property
+  def skipped(self) -> Skipped:
+    """The items of this shard skipped so far, by reason, and how many of
+    the shard's items have been checked."""
+    return self._screen.report()
+
+  def survey(self) -> Skipped:
+    """Checks every not yet checked item of the shard now.
+
+    The prefetch thread does this in its idle time anyway; call it to
+    know the whole picture up front (it decodes every file once).
+
+    Raises:
+      ValueError: no item of the shard is usable.
+    """
+    while self._screen.survey_step():
+      pass
+    self._screen.raise_if_none_usable()
+    return self.skipped
+
+  def require_usable(self) -> None:
+    """Fails now, rather than at the first batch, if nothing is usable.
+
+    Checks items in shard order until one is usable: one decode on a
+    healthy data set, every file on one with no usable image. Call it
+    before costly setup (model init, compilation) to fail fast.
+
+    Raises:
+      ValueError: no item of the shard is usable.
+    """
+    while not self._screen.any_usable and self._screen.survey_step():
+      pass
+    self._screen.raise_if_none_usable()
 
   def batch_at(self, step: int) -> np.ndarray:
-    """Builds batch ``step`` directly (no prefetching)."""
+    """Builds batch ``step`` directly (no prefetching).
+
+    Raises:
+      ValueError: no item of the shard is usable.
+    """
     rng = np.random.default_rng([self.seed, self.process_index, step])
     size = self.crop_size
     batch = np.empty((self.batch_size, size, size, 3), np.uint8)
@@ -184,32 +219,34 @@ class Loader(Iterator[np.ndarray]):
     for b in range(self.batch_size):
       while True:
         # Rejection sampling over the whole shard: the draws don't depend
-        # on which files are already known to be bad, so the batch is
+        # on which items are already known to be skipped, so the batch is
         # the same whatever ran before.
         i = self.indices[int(rng.integers(n))]
-        img = self._load(i)
+        img = self._screen.get(i)
         if img is not None:
           break
-        with self._lock:
-          if all(j in self._bad for j in self.indices):
-            raise ValueError(
-              f"no readable images in {self.source!r} (process "
-              f"{self.process_index} of {self.process_count}, "
-              f"{n} files tried); see the warnings above"
-            )
+        self._screen.raise_if_none_usable()
       batch[b] = random_crop(img, size, rng, self.source.name(i))
     return batch
 
   # Prefetching.
 
-  def _put(self, item: Any) -> bool:
-    """Queues ``item`` unless stopped; returns False once stopped."""
+  def _put(self, item: Any, survey: bool = True) -> bool:
+    """Queues ``item`` unless stopped; returns False once stopped.
+
+    While the queue is full and some item is unchecked, checks one item
+    per try (``survey``) instead of waiting idle.
+    """
     while not self._stop.is_set():
       try:
-        self._queue.put(item, timeout=0.1)
+        if survey and self._screen.pending:
+          self._queue.put_nowait(item)
+        else:
+          self._queue.put(item, timeout=0.1)
         return True
       except queue.Full:
-        continue
+        if survey and self._screen.pending:
+          self._screen.survey_step()
     return False
 
   def _worker(self, step: int) -> None:
@@ -219,7 +256,7 @@ class Loader(Iterator[np.ndarray]):
           return
         step += 1
     except BaseException as e:  # Handed to the consumer.
-      self._put(_Failure(e))
+      self._put(_Failure(e), survey=False)
 
   def _start(self) -> None:
     self._queue = queue.Queue(maxsize=self._prefetch)

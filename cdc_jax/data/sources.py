@@ -14,6 +14,8 @@ into batches.
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -21,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from cdc_jax.imageio import load_image
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
   ".png",
@@ -47,12 +51,60 @@ class Source(Protocol):
   def name(self, i: int) -> str: ...
 
 
+def _walk_files(root: str) -> list[str]:
+  """Non-hidden files under ``root``, relative to it, in walk order.
+
+  Symlinked folders are followed, each real folder once (so a link loop
+  or two links to one folder neither hangs nor double counts), in sorted
+  order so the name a folder is reached by is the same on every machine.
+  Subfolders that cannot be listed are skipped with a warning.
+  """
+
+  def key(path: str | None) -> tuple[int, int] | None:
+    """Identifies a folder whatever the path (or link) it is reached by."""
+    if path is None:
+      return None
+    try:
+      st = os.stat(path)
+    except OSError:
+      return None
+    return st.st_dev, st.st_ino
+
+  def unlistable(e: OSError) -> None:
+    if key(e.filename) == key(root):
+      raise ValueError(f"image folder {root!r} cannot be listed ({e.strerror})")
+    logger.warning("skipping folder %s: cannot list it (%s)", e.filename, e)
+
+  seen = {key(root)}
+  rel_paths = []
+  for dirpath, dirnames, filenames in os.walk(
+    root, onerror=unlistable, followlinks=True
+  ):
+    kept = []
+    for d in sorted(dirnames):
+      k = key(os.path.join(dirpath, d))
+      if d.startswith(".") or k is None or k in seen:
+        continue
+      seen.add(k)
+      kept.append(d)
+    dirnames[:] = kept
+    rel_dir = os.path.relpath(dirpath, root)
+    for f in filenames:
+      if not f.startswith("."):
+        rel_paths.append(f if rel_dir == "." else os.path.join(rel_dir, f))
+  return rel_paths
+
+
 def find_images(root: str | os.PathLike) -> list[str]:
   """Lists image files under ``root``, recursively.
 
   Matches the extensions in ``IMAGE_EXTENSIONS`` in any letter case.
   Hidden files and directories (name starting with '.', e.g. macOS
-  '._x.png' resource forks) are skipped.
+  '._x.png' resource forks) are skipped. Symlinked folders are followed,
+  each real folder once (link loops are harmless); subfolders that cannot
+  be listed are skipped with a warning naming them. Files are not opened:
+  a broken link or a non-image named '.png' is listed (``Loader`` skips
+  it when it fails to decode).
 
   Args:
     root: a directory.
@@ -62,33 +114,41 @@ def find_images(root: str | os.PathLike) -> list[str]:
     path relative to ``root`` so the order is the same on every machine.
 
   Raises:
-    ValueError: ``root`` is not a directory.
+    ValueError: ``root`` is not a directory or cannot be listed.
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
     raise ValueError(
       f"image folder {root!r} does not exist or is not a directory"
     )
-  rel_paths = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    rel_dir = os.path.relpath(dirpath, root)
-    for f in filenames:
-      if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
-        continue
-      rel = f if rel_dir == "." else os.path.join(rel_dir, f)
-      rel_paths.append(rel)
+  rel_paths = [
+    p for p in _walk_files(root) if p.lower().endswith(IMAGE_EXTENSIONS)
+  ]
   # Sort on '/'-separated components so the order doesn't depend on the
   # OS separator or on os.walk's directory order.
   rel_paths.sort(key=lambda p: p.replace(os.sep, "/").split("/"))
   return [os.path.join(root, p) for p in rel_paths]
 
 
+def _describe_other_files(root: str) -> str:
+  """'found 3 other files (.txt: 2, .heic: 1)' for the error message."""
+  exts = collections.Counter(
+    os.path.splitext(p)[1].lower() or "no extension" for p in _walk_files(root)
+  )
+  if not exts:
+    return "found no files at all"
+  n = sum(exts.values())
+  top = ", ".join(f"{e}: {k}" for e, k in exts.most_common(5))
+  more = ", ..." if len(exts) > 5 else ""
+  return f"found {n} other file{'s' * (n != 1)} ({top}{more})"
+
+
 class ImageFolderSource:
   """All images under a directory tree, decoded on demand.
 
   Files are not checked up front (that would mean decoding them all);
-  ``Loader`` skips files that fail to decode, with a warning.
+  ``Loader`` skips files that fail to decode or are smaller than the
+  crop, with a warning naming each.
   """
 
   def __init__(self, root: str | os.PathLike):
@@ -102,7 +162,8 @@ class ImageFolderSource:
     if not self.files:
       raise ValueError(
         f"image folder {self.root!r} contains no images (looked for "
-        f"{', '.join(IMAGE_EXTENSIONS)} in all subfolders)"
+        f"{', '.join(IMAGE_EXTENSIONS)} in all subfolders; "
+        f"{_describe_other_files(self.root)})"
       )
 
   def __len__(self) -> int:
