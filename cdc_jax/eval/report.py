@@ -1,0 +1,206 @@
+"""Evaluation reports: per-image rows -> CSV/JSON, a summary table,
+rate-distortion plots, BD-rates and side-by-side grids.
+
+A row is a flat dict with at least ``codec``, ``setting``, ``image``,
+``bpp`` and metric columns (``psnr``, ``ms_ssim_db``, ``lpips``, ...).
+Every metric is averaged per image within one (codec, setting), as
+CompressAI does; bpp is the real file size (header included).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from cdc_jax.imageio import save_png, write_atomic
+
+# Metric -> (axis label, higher is better).
+METRICS = {
+  "psnr": ("PSNR [dB]", True),
+  "ms_ssim_db": ("MS-SSIM [dB]", True),
+  "lpips": ("LPIPS", False),
+  "fid": ("FID", False),
+}
+
+
+def write_rows(rows: list[dict], path_stem: str) -> tuple[str, str]:
+  """``path_stem.csv`` and ``path_stem.json`` (atomic writes)."""
+  columns = sorted({k for r in rows for k in r}, key=_column_order)
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  write_atomic(path_stem + ".csv", buf.getvalue().encode())
+  payload = json.dumps(rows, indent=1, default=_json_value).encode()
+  write_atomic(path_stem + ".json", payload)
+  return path_stem + ".csv", path_stem + ".json"
+
+
+def _column_order(name: str):
+  first = ["dataset", "codec", "setting", "image", "height", "width"]
+  return (first.index(name), "") if name in first else (len(first), name)
+
+
+def _json_value(v):
+  if isinstance(v, np.generic):
+    return v.item()
+  raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+  """Per (codec, setting): the number of images and the mean of every
+  numeric column, sorted by codec then bpp."""
+  groups: dict[tuple, list[dict]] = defaultdict(list)
+  for r in rows:
+    groups[(r["codec"], str(r["setting"]))].append(r)
+  out = []
+  for (codec, setting), members in groups.items():
+    row = {"codec": codec, "setting": setting, "images": len(members)}
+    for key in members[0]:
+      values = [m.get(key) for m in members]
+      if all(_is_number(v) for v in values):
+        row[key] = float(np.mean(values))
+    out.append(row)
+  return sorted(out, key=lambda r: (r["codec"], r.get("bpp", 0.0)))
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, int | float | np.number) and not isinstance(v, bool)
+
+
+def summary_table(summary: list[dict], metrics=("psnr", "ms_ssim_db")) -> str:
+  """A fixed-width text table of the summary (what the CLI prints)."""
+  cols = ["codec", "setting", "images", "bpp"] + [
+    m for m in metrics if any(m in r for r in summary)
+  ]
+  lines = ["  ".join(f"{c:>12}" for c in cols)]
+  for r in summary:
+    cells = []
+    for c in cols:
+      v = r.get(c, "")
+      cells.append(f"{v:12.4f}" if isinstance(v, float) else f"{v!s:>12}")
+    lines.append("  ".join(cells))
+  return "\n".join(lines)
+
+
+def curves(summary: list[dict], metric: str) -> dict[str, tuple]:
+  """codec -> (bpp array, metric array), sorted by bpp."""
+  out = {}
+  for codec in sorted({r["codec"] for r in summary}):
+    pts = [
+      (r["bpp"], r[metric])
+      for r in summary
+      if r["codec"] == codec and metric in r and math.isfinite(r[metric])
+    ]
+    if pts:
+      pts.sort()
+      out[codec] = (
+        np.array([p[0] for p in pts]),
+        np.array([p[1] for p in pts]),
+      )
+  return out
+
+
+def bd_rates(summary: list[dict], metric: str, anchor: str) -> dict:
+  """BD-rate (%) of every codec against ``anchor`` on ``metric`` (the
+  ``bjontegaard`` package, pchip; lower is better). A codec with fewer
+  than 4 points or without enough overlap gets None."""
+  import bjontegaard
+
+  cs = curves(summary, metric)
+  if anchor not in cs:
+    return {}
+  sign = 1.0 if METRICS.get(metric, ("", True))[1] else -1.0
+  ra, da = cs[anchor]
+  out = {}
+  for codec, (r, d) in cs.items():
+    if codec == anchor:
+      continue
+    try:
+      out[codec] = float(
+        bjontegaard.bd_rate(
+          ra,
+          sign * da,
+          r,
+          sign * d,
+          method="pchip",
+          require_matching_points=False,
+        )
+      )
+    except (ValueError, AssertionError, ZeroDivisionError):
+      out[codec] = None
+  return out
+
+
+def read_reference_points(path: str) -> list[dict]:
+  """A CSV of published points: columns ``system``, ``bpp`` and any of
+  the metric names; one row per point."""
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  if not rows or "system" not in rows[0] or "bpp" not in rows[0]:
+    raise ValueError(
+      f"{path}: expected a CSV with columns system, bpp and metrics "
+      f"({', '.join(METRICS)})"
+    )
+  out = []
+  for r in rows:
+    point = {"codec": r["system"], "setting": "published"}
+    for k, v in r.items():
+      if k != "system" and v not in ("", None):
+        point[k] = float(v)
+    out.append(point)
+  return out
+
+
+def rd_plot(summary, metric, path, references=(), title="") -> str | None:
+  """bpp vs ``metric`` for every codec (ours solid, Pillow's dashed,
+  published points as markers); None when no codec has the metric."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  cs = curves(summary, metric)
+  refs = curves(list(references), metric)
+  if not cs and not refs:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+  for codec, (r, d) in cs.items():
+    style = "-o" if codec.startswith("cdc") else "--s"
+    ax.plot(r, d, style, label=codec, markersize=4)
+  for codec, (r, d) in refs.items():
+    ax.plot(r, d, ":^", label=f"{codec} (published)", markersize=4)
+  ax.set_xlabel("Bit-rate [bpp]")
+  ax.set_ylabel(METRICS.get(metric, (metric,))[0])
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", bbox_inches="tight")
+  plt.close(fig)
+  write_atomic(path, buf.getvalue())
+  return path
+
+
+def grid(path: str, images: list[np.ndarray], gap: int = 4) -> str:
+  """Images of one height side by side, white gaps between them."""
+  h = max(i.shape[0] for i in images)
+  parts = []
+  for i, img in enumerate(images):
+    if i:
+      parts.append(np.full((h, gap, 3), 255, np.uint8))
+    pad = np.full((h - img.shape[0], img.shape[1], 3), 255, np.uint8)
+    parts.append(np.concatenate([img, pad], axis=0))
+  save_png(path, np.concatenate(parts, axis=1))
+  return path
+
+
+def output_dir(path: str) -> str:
+  os.makedirs(path, exist_ok=True)
+  return path
