@@ -14,7 +14,7 @@ import jax
 
 from cdc_jax import model_dir, train
 from cdc_jax.coding.errors import BitstreamError
-from cdc_jax.data.sources import EmbeddedSource
+from cdc_jax.data.sources import HELD_OUT, EmbeddedSource
 from cdc_jax.eval import held_out
 from cdc_jax.imageio import ImageError, WriteError
 from cdc_jax.sharding import ShardingError
@@ -54,6 +54,28 @@ def train_job(config, workdir: str) -> dict:
     )
     print(held_out.summary(rep))
   return metrics
+
+
+def eval_job(config, workdir: str) -> dict:
+  """Evaluates the workdir's latest checkpoint (EMA params where present,
+  no optimizer built) on the held-out photo: real file, PSNR, MS-SSIM,
+  beside JPEG/WebP/AVIF at the nearest bpp; the report in workdir/eval."""
+  from cdc_jax import codec
+  from cdc_jax.eval import pipeline
+
+  cm = codec.load(workdir)
+  opts = pipeline.Options(
+    steps=(config.eval.steps,),
+    gammas=(config.eval.gamma,),
+    progress=config.log.progress,
+    title="held-out photo",
+  )
+  out = os.path.join(workdir, "eval")
+  image = [(f"{HELD_OUT} (held out)", held_out.held_out_image())]
+  result = pipeline.evaluate({"workdir": cm}, image, out, opts)
+  print("\n".join(pipeline.cdc_vs_baseline(result["rows"])))
+  print(f"report: {out}")
+  return result
 
 
 def export_job(workdir: str) -> str:

@@ -1,15 +1,18 @@
-"""Entry point: train (default) or export a CDC model.
+"""Entry point: train (default), evaluate or export a CDC model.
 
   python -m cdc_jax.main --config=configs/eps_linear.py:tiny --workdir=/tmp/cdc
   python -m cdc_jax.main --config=configs/eps_linear.py --workdir=runs/eps \
       --config.data.name=vimeo --config.data.path=/data/vimeo_septuplet
+  python -m cdc_jax.main --config=... --workdir=... --mode=eval
   python -m cdc_jax.main --config=... --workdir=... --mode=export
 
 train: trains (resuming from the latest checkpoint in --workdir), exports
 workdir/model (decoding params, EMA where present, with entropy tables),
 then compresses the held-out photo to a real file and reports real and
-estimated bpp and PSNR. export: writes workdir/model from the latest
-checkpoint without building an optimizer.
+estimated bpp and PSNR. eval: evaluates the latest checkpoint (EMA params,
+no optimizer built) on the held-out photo beside JPEG/WebP/AVIF, report in
+workdir/eval. export: writes workdir/model from the latest checkpoint.
+Multi-process runs: see cdc_jax/distributed.py and launch/.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Directory for checkpoints, logs and the exported model."
 )
 _MODE = flags.DEFINE_enum(
-  "mode", "train", ["train", "export"], "train (resuming) | export."
+  "mode", "train", ["train", "eval", "export"], "train (resuming)|eval|export"
 )
+_COORD = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0|auto")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process: count.")
+_PID = flags.DEFINE_integer("process_id", None, "Multi-process: this one.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,11 +48,14 @@ def main(argv):
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty
   logging.getLogger("cdc_jax").setLevel(logging.INFO)
-  from cdc_jax import jobs  # here, so --help stays fast
+  from cdc_jax import distributed, jobs  # here, so --help stays fast
 
-  try:
+  try:  # before anything touches a device; a no-op for one process
+    distributed.initialize(_COORD.value, _NPROC.value, _PID.value, log=True)
     if _MODE.value == "export":
       jobs.export_job(_WORKDIR.value)
+    elif _MODE.value == "eval":
+      jobs.eval_job(_CONFIG.value, _WORKDIR.value)
     else:
       jobs.train_job(_CONFIG.value, _WORKDIR.value)
   except jobs.USER_ERRORS as e:

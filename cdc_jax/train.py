@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdc_jax import checkpoint, diffusion, model_dir, sharding
+from cdc_jax.convert.lpips import LPIPSWeightsError
+from cdc_jax.convert.lpips import load_params as load_lpips
 from cdc_jax.data.loader import Loader
 from cdc_jax.data.sources import make_source
 from cdc_jax.eval import held_out
@@ -53,10 +55,18 @@ class TrainingError(RuntimeError):
 
 def validate_config(config) -> None:
   """Errors a run would otherwise hit only after compiling."""
-  if config.diffusion.aux_weight:
+  rho, path = config.diffusion.aux_weight, config.diffusion.lpips_weights
+  if not 0.0 <= rho <= 1.0:
+    raise TrainingError(f"diffusion.aux_weight (rho) = {rho} must be in [0, 1]")
+  if rho and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+    what = f"={path} is not a readable file" if path else "is not set"
     raise TrainingError(
-      "diffusion.aux_weight (rho) > 0 needs the LPIPS-VGG loss, which is "
-      "not available yet; set --config.diffusion.aux_weight=0"
+      f"diffusion.aux_weight (rho) = {rho} > 0 needs LPIPS-VGG weights, but "
+      f"--config.diffusion.lpips_weights {what}; pass the lpips_vgg.npz that "
+      "`python -m cdc_jax.convert` writes beside a converted rho > 0 "
+      "checkpoint, or write one with `python -m cdc_jax.convert.lpips_cli "
+      "OUT.npz --backbone vgg16-397923af.pth` (torchvision's VGG16, "
+      "downloaded by you); or set --config.diffusion.aux_weight=0"
     )
   factor = from_config(config.model).downsampling_factor
   if config.data.crop_size % factor:
@@ -267,12 +277,38 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
   return state, last
 
 
+def _load_lpips(config):
+  """The frozen LPIPS-VGG params of the rho > 0 term (None for rho = 0)."""
+  if not config.diffusion.aux_weight:
+    return None
+  try:
+    return load_lpips(config.diffusion.lpips_weights, "vgg")
+  except LPIPSWeightsError as e:
+    raise TrainingError(f"--config.diffusion.lpips_weights: {e}") from None
+
+
+def _make_loader(config) -> Loader:
+  """This process's loader; fails here, before the model is built, when
+  the data holds no usable image (one decode on a healthy dataset)."""
+  loader = Loader(
+    make_source(config.data),
+    config.train.batch_size // jax.process_count(),
+    config.data.crop_size,
+    seed=config.train.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  loader.require_usable()
+  return loader
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per ``config`` in ``workdir``; returns the final metrics."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh()
   sharding.check_batch(config.train.batch_size, mesh)
+  loader = _make_loader(config)
   model = from_config(config.model)
   tx = make_optimizer(config.train)
   ck = config.checkpoint
@@ -282,29 +318,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = jax.device_put(state, state_sharding)
   _save_run_config(config, workdir)
   step_fn, batch_sharding = make_train_step(
-    config, model, tx, mesh, state_sharding
+    config, model, tx, mesh, state_sharding, _load_lpips(config)
   )
-  start = int(state.step)
-  loader = Loader(
-    make_source(config.data),
-    config.train.batch_size // jax.process_count(),
-    config.data.crop_size,
-    seed=config.train.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    start_step=start,
-  )
+  loader.step = start = int(state.step)  # before the first batch
   logger.info(
     "training from %s, step %d of %d", origin, start, config.train.num_steps
   )
+  evaluate = _make_evaluator(config, model)
   run = _Run(
-    config,
-    workdir,
-    step_fn,
-    batch_sharding,
-    loader,
-    manager,
-    _make_evaluator(config, model),
+    config, workdir, step_fn, batch_sharding, loader, manager, evaluate
   )
   try:
     state, last = _loop(run, state)

@@ -1,11 +1,16 @@
 """The training step: a pure function, jitted data-parallel over a mesh.
 
-``train_step(state, batch) -> (state, metrics)`` on a uint8 global batch
-[B, H, W, 3]. Randomness is ``fold_in(seed, step)``, split into the
-training indices t, the rate noise of z and y, and the diffusion noise, so
-a resumed run needs no stored RNG and a step gives the same result on 1 or
-8 devices. ``make_train_step`` jits it with the state replicated and
-donated, the batch split over the mesh.
+``train_step(state, batch, lpips_params) -> (state, metrics)`` on a uint8
+global batch [B, H, W, 3]. Randomness is ``fold_in(seed, step)``, split
+into the training indices t, the rate noise of z and y, and the diffusion
+noise, so a resumed run needs no stored RNG and a step gives the same
+result on 1 or 8 devices. With a perceptual weight rho =
+``diffusion.aux_weight`` > 0 the LPIPS dropout key is a separate stream,
+``fold_in(fold_in(seed, step), LPIPS_STREAM)``, so those draws are the
+same as with rho = 0. ``make_train_step`` jits it with the state
+replicated and donated, the batch split over the mesh and the frozen
+LPIPS-VGG params a replicated argument (never optimised, not in the
+state), and returns ``step(state, batch)``.
 """
 
 from __future__ import annotations
@@ -21,9 +26,37 @@ from cdc_jax.losses import loss_fn, schedule_arrays
 from cdc_jax.optim import lambda_schedule, lr_schedule
 from cdc_jax.train_state import TrainState, ema_update
 
+LPIPS_STREAM = 0x1F1C5  # fold_in id of the LPIPS dropout key of a step
+
+
+def lpips_kwargs(config, lpips_params, rng, step) -> dict:
+  """``loss_fn``'s perceptual-term arguments for ``config.diffusion``.
+
+  Empty for rho = 0; otherwise rho, the params and, when
+  ``diffusion.lpips_dropout`` (the original's behaviour), the step's
+  dropout key.
+  """
+  dc = config.diffusion
+  rho = float(dc.aux_weight)
+  if not rho:
+    return {}
+  kw = {"rho": rho, "lpips_params": lpips_params}
+  if dc.get("lpips_dropout", True):
+    step_key = jax.random.fold_in(rng, step)
+    kw["dropout_rng"] = jax.random.fold_in(step_key, LPIPS_STREAM)
+  return kw
+
 
 def train_step(
-  state: TrainState, batch, *, model, tx, config, sched_arrays, rng
+  state: TrainState,
+  batch,
+  lpips_params=None,
+  *,
+  model,
+  tx,
+  config,
+  sched_arrays,
+  rng,
 ):
   """One optimisation step on a uint8 batch [B,H,W,3] (global)."""
   tc = config.train
@@ -40,7 +73,12 @@ def train_step(
   noise = jax.random.normal(kn, x0.shape, jnp.float32)
   lam = jnp.asarray(lambda_schedule(tc)(state.step), jnp.float32)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(
+    functools.partial(
+      loss_fn, **lpips_kwargs(config, lpips_params, rng, state.step)
+    ),
+    has_aux=True,
+  )
   (_, metrics), grads = grad_fn(
     state.params, model, sched_arrays, x0, t, noise, rate_noise, lam
   )
@@ -63,9 +101,23 @@ def _keep_dtype(new, old):
   return jnp.asarray(new, old.dtype)
 
 
-def make_train_step(config, model, tx, mesh, state_sharding):
-  """The jitted, data-parallel step and the batch's sharding."""
+def make_train_step(config, model, tx, mesh, state_sharding, lpips_params=None):
+  """The jitted, data-parallel ``step(state, batch)`` and the batch's
+  sharding.
+
+  ``lpips_params`` (LPIPS-VGG, ``cdc_jax.convert.lpips.load_params``) are
+  needed when ``config.diffusion.aux_weight`` > 0 and ignored otherwise;
+  they are put on the mesh once, replicated, and passed to the jitted
+  step as an argument (not baked into the program as constants).
+  """
   dc = config.diffusion
+  if not dc.aux_weight:
+    lpips_params = None
+  elif lpips_params is None:
+    raise ValueError(
+      "make_train_step: diffusion.aux_weight > 0 needs lpips_params "
+      "(cdc_jax.convert.lpips.load_params)"
+    )
   sched = diffusion.make_schedule(dc.schedule, dc.timesteps)
   step = functools.partial(
     train_step,
@@ -79,8 +131,16 @@ def make_train_step(config, model, tx, mesh, state_sharding):
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   jitted = jax.jit(
     step,
-    in_shardings=(state_sharding, batch_sharding),
+    in_shardings=(state_sharding, batch_sharding, repl),
     out_shardings=(state_sharding, repl),
     donate_argnums=0,
   )
-  return jitted, batch_sharding
+  if lpips_params is not None:
+    lpips_params = jax.device_put(
+      lpips_params, sharding.replicated(mesh, lpips_params)
+    )
+
+  def run(state, batch):
+    return jitted(state, batch, lpips_params)
+
+  return run, batch_sharding

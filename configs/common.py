@@ -66,9 +66,16 @@ def base_config() -> ml_collections.ConfigDict:
     dict(
       schedule="linear",
       timesteps=20000,
-      # rho: weight of the LPIPS-VGG aux term; needs LPIPS weights (not yet
-      # ported), so only 0 is accepted for now.
+      # rho: weight of the LPIPS-VGG term, loss = lam * bpp + (1 - rho) *
+      # diffusion + rho * LPIPS (the released perceptual models: 0.9).
       aux_weight=0.0,
+      # rho > 0: LPIPS-VGG weights, an .npz (lpips_vgg.npz that
+      # `python -m cdc_jax.convert` writes beside a converted rho > 0
+      # checkpoint, or `python -m cdc_jax.convert.lpips_cli`).
+      lpips_weights="",
+      # LPIPS dropout (p = 0.5) on during training, as the original;
+      # False: a deterministic perceptual term.
+      lpips_dropout=True,
     )
   )
 

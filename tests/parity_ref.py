@@ -4,7 +4,7 @@ Runs in a subprocess with the working directory ``$CDC_REF/epsilonparam``
 or ``$CDC_REF/xparam`` on ``PYTHONPATH`` (both define a package named
 ``modules``) plus a stub ``lpips`` package::
 
-  python parity_ref.py {forward|grads} {eps|x} INPUTS.npz CHECKPOINT.pt \
+  python parity_ref.py {forward|grads|lpips} {eps|x} INPUTS.npz CKPT.pt \
       OUTPUTS.npz [SEED]
 
 It builds the model as the original test scripts do (LPIPS weight 0),
@@ -21,6 +21,18 @@ image set k: ``images_k`` [B,3,H,W] in [-1, 1], ``init_k``
 (what ``rand_like`` returns for z and y: the rate noise plus 0.5),
 ``eps_k``; and ``unet_x``, ``unet_time`` [B,1], ``unet_ctx_0..3``.
 
+``lpips`` (test_parity_lpips_loss.py): as ``grads`` with the LPIPS-VGG
+term, weight ``rho`` (scalar input), built as the original builds it
+(``lpips.LPIPS(net="vgg", eval_mode=False)``) from the real ``lpips``
+package (the stub is set aside) with ``pnet_rand=True`` patched in, so
+nothing is downloaded: a seeded random VGG16 trunk (biases perturbed) and
+the package's v0.1 linear layers. Its dropout draws are injected:
+``mask_0..4`` [B, C_i, h_i, w_i] keep-masks replace each
+``lins[i].model[0]``. Extra outputs: ``aux`` (the batch mean LPIPS),
+``pred`` (the U-Net output) and ``grad_pred`` (the loss's gradient there);
+the ``loss_fn_vgg.*`` weights are in the checkpoint, not among the
+gradients.
+
 ``grads`` (test_parity_grads.py): a model of width ``dim`` with
 ``context_channels`` and rate weight ``lagrangian`` (scalar inputs), saved
 as ``{"step", "model"}``; one training forward of ``images`` with ``t``,
@@ -32,7 +44,11 @@ no gradient) and ``no_grad``, the names of those.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
 import sys
+import types
 
 import numpy as np
 import torch
@@ -42,9 +58,16 @@ from modules.unet import Unet
 LAGRANGIAN = {"eps": 0.9, "x": 0.0032}  # as in the original test scripts
 
 
-def build(family: str, dim: int = 64, context_channels=None, lagrangian=None):
+def build(
+  family: str,
+  dim: int = 64,
+  context_channels=None,
+  lagrangian=None,
+  aux_weight: float = 0.0,
+):
   """The model as test_{epsilon,x}param.py construct it (defaults: the
-  release; ``dim``, ``context_channels`` and ``lagrangian`` override)."""
+  release; ``dim``, ``context_channels``, ``lagrangian`` and the LPIPS
+  weight ``aux_weight`` override)."""
   if lagrangian is None:
     lagrangian = LAGRANGIAN[family]
   if family == "eps":
@@ -76,7 +99,7 @@ def build(family: str, dim: int = 64, context_channels=None, lagrangian=None):
       lagrangian=lagrangian,
       pred_mode="noise",
       var_schedule="linear",
-      aux_loss_weight=0.0,
+      aux_loss_weight=aux_weight,
       aux_loss_type="lpips",
     )
   from modules.compress_modules import ResnetCompressor
@@ -106,7 +129,7 @@ def build(family: str, dim: int = 64, context_channels=None, lagrangian=None):
     loss_type="l2",
     lagrangian=lagrangian,
     pred_mode="x",
-    aux_loss_weight=0.0,
+    aux_loss_weight=aux_weight,
     aux_loss_type="lpips",
     var_schedule="cosine",
     use_loss_weight=True,
@@ -251,6 +274,94 @@ def grads(family, inputs_path, ckpt_path, outputs_path, seed="0"):
   _save(outputs_path, out, no_grad=np.asarray(no_grad, dtype=np.str_))
 
 
+def _real_lpips():
+  """The installed lpips package, imported past run_reference's stub."""
+  stub = sys.modules.pop("lpips")
+  stub_root = os.path.dirname(os.path.dirname(os.path.abspath(stub.__file__)))
+  saved = list(sys.path)
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != stub_root]
+  try:
+    real = importlib.import_module("lpips")
+  finally:
+    sys.path[:] = saved
+  assert real is not stub and hasattr(real, "pretrained_networks")
+  return real
+
+
+class _InjectedMask(torch.nn.Module):
+  """Stands in for an lpips nn.Dropout(0.5): given keep-masks, consumed
+  batch row by row (the x family calls LPIPS once per image)."""
+
+  def __init__(self, keep):
+    super().__init__()
+    self.keep, self.used = keep, 0
+
+  def forward(self, d):
+    keep = self.keep[self.used : self.used + d.shape[0]]
+    assert keep.shape == d.shape, (keep.shape, d.shape)
+    self.used += d.shape[0]
+    return d * keep * 2.0  # torch Dropout(p=0.5): mask / (1 - p)
+
+
+def lpips_grads(family, inputs_path, ckpt_path, outputs_path, seed="0"):
+  """The rho > 0 training loss and its gradients, dropout injected."""
+  torch.manual_seed(int(seed))
+  gen = torch.Generator().manual_seed(int(seed) + 1)
+  inp = {k: torch.from_numpy(v) for k, v in np.load(inputs_path).items()}
+  real = _real_lpips()
+  dd = sys.modules[GaussianDiffusion.__module__]
+  # As the original builds it, but with a random trunk: no VGG download.
+  patched = functools.partial(real.LPIPS, pnet_rand=True, verbose=False)
+  dd.lpips = types.SimpleNamespace(LPIPS=patched)
+  model = build(
+    family,
+    dim=int(inp["dim"]),
+    context_channels=int(inp["context_channels"]),
+    lagrangian=float(inp["lagrangian"]),
+    aux_weight=float(inp["rho"]),
+  )
+  perturb(model, gen)
+  vgg = model.loss_fn_vgg
+  with torch.no_grad():  # torchvision inits biases to 0: make them matter
+    for name, p in vgg.net.named_parameters():
+      if name.endswith("bias"):
+        p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+  torch.save({"step": 1234, "model": model.state_dict()}, ckpt_path)
+
+  for i, lin in enumerate(vgg.lins):
+    assert isinstance(lin.model[0], torch.nn.Dropout), lin.model
+    lin.model[0] = _InjectedMask(inp[f"mask_{i}"])
+  seen, preds = [], []
+  vgg.register_forward_hook(lambda m, a, out: seen.append(out.reshape(-1)))
+
+  def keep_pred(module, args, out):  # the U-Net output: record its grad
+    out.retain_grad()
+    preds.append(out)
+
+  model.denoise_fn.register_forward_hook(keep_pred)
+  model.train()
+  model.zero_grad(set_to_none=True)
+  rates = [inp["rz"], inp["ry"]]
+  with Injected(inp["t"].long(), rates, [inp["eps"]]):
+    loss, extra = model(inp["images"])
+  assert all(lin.model[0].used == len(inp["images"]) for lin in vgg.lins)
+  loss.backward()
+  extra.backward()
+  out = {"loss": loss, "extra": extra, "aux": torch.cat(seen).mean()}
+  (pred,) = preds
+  out["pred"], out["grad_pred"] = pred, pred.grad
+  no_grad = []
+  for name, p in model.named_parameters():
+    if name.startswith("loss_fn_vgg."):
+      continue  # frozen LPIPS: not in the optimizer, not compared
+    if p.grad is None:
+      no_grad.append(name)
+      out[f"grad.{name}"] = torch.zeros_like(p)
+    else:
+      out[f"grad.{name}"] = p.grad
+  _save(outputs_path, out, no_grad=np.asarray(no_grad, dtype=np.str_))
+
+
 def _save(path, tensors, **arrays):
   arrays.update(
     {k: np.asarray(v.detach().numpy(), np.float32) for k, v in tensors.items()}
@@ -259,5 +370,5 @@ def _save(path, tensors, **arrays):
 
 
 if __name__ == "__main__":
-  modes = {"forward": forward, "grads": grads}
+  modes = {"forward": forward, "grads": grads, "lpips": lpips_grads}
   modes[sys.argv[1]](*sys.argv[2:])

@@ -11,19 +11,19 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cdc_jax import checkpoint, optim, train_state
-from cdc_jax.models.cdc import CDC, init_params
+from cdc_jax.models.cdc import from_config, init_params
+from cdc_jax.testing import TINY_MODELS, random_params
 from configs import common
 
-MODEL = CDC(family="eps", dim=4)
+MODEL = from_config(TINY_MODELS["eps"])
 
 
 @pytest.fixture(scope="module")
 def states():
   """A host train state with EMA (ema != params) and one without."""
   tx = optim.make_optimizer(common.base_config().train)
-  st = jax.device_get(
-    train_state.init_state(MODEL, tx, jax.random.key(0), ema=True)
-  )
+  params = random_params(MODEL)  # the same compile as test_model_dir's
+  st = jax.device_get(train_state.from_params(params, tx.init(params), True))
   ema = jax.tree.map(lambda a: a + 1.0, st.params)
   with_ema = st.replace(step=np.int32(3), ema_params=ema)
   without = st.replace(step=np.int32(5), ema_params=None)

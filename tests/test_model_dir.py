@@ -21,7 +21,7 @@ DIFFUSION = DIFFUSIONS["eps"]
 
 @pytest.fixture(scope="module")
 def params():
-  return random_params(from_config(MODEL_CONFIG), seed=1)
+  return random_params(from_config(MODEL_CONFIG))
 
 
 def test_flatten_unflatten_round_trip(params):
@@ -123,12 +123,10 @@ def test_load_workdir_reads_the_latest_decoding_params(params, tmp_path):
   (work / model_dir.WORKDIR_CONFIG).write_text(config.to_json_best_effort())
   with pytest.raises(model_dir.ModelError, match="no complete checkpoint"):
     model_dir.load(str(work))
-  model = from_config(MODEL_CONFIG)
   tx = optim.make_optimizer(config.train)
-  st = jax.device_get(
-    train_state.init_state(model, tx, jax.random.key(0), ema=True)
-  )
-  st = st.replace(step=np.int32(4), ema_params=params)
+  other = jax.tree.map(lambda a: a - 1.0, params)
+  st = train_state.from_params(other, tx.init(other), ema=True, step=4)
+  st = jax.device_get(st).replace(ema_params=params)
   manager = checkpoint.make_manager(str(work), 2, 1)
   manager.save(4, args=ocp.args.StandardSave(st))
   manager.wait_until_finished()

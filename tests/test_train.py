@@ -92,9 +92,7 @@ def test_train_and_evaluate_resume(tiny, tmp_path, monkeypatch):
     "4",
     "6",
   ]
-  final = _restore(work, 6, tiny)
-  assert int(final.step) == 6
-  assert float(final.lam) == pytest.approx(0.0032)
+  assert checkpoint.latest_step(work) == 6
 
   # Files: config, TensorBoard events, metrics, the exported model.
   with open(os.path.join(work, "config.json")) as f:
@@ -111,11 +109,11 @@ def test_train_and_evaluate_resume(tiny, tmp_path, monkeypatch):
   loaded = model_dir.load(exported)
   assert loaded.model_config["family"] == "x"
   assert loaded.tables is not None
-  _tree_equal(loaded.params, final.ema_params)  # EMA weights exported
 
   # Steps 4 and 5 redone from checkpoint 4 with the same program and the
-  # loader's batches 4 and 5 (a pure function of the step) end in the
-  # same state: the resumed run neither replays nor skips anything.
+  # loader's batches 4 and 5 (a pure function of the step) give the
+  # resumed run's last loss and its exported EMA params: the resumed run
+  # neither replays nor skips anything.
   t = tiny
   at4 = _restore(work, 4, t)
   assert int(at4.step) == 4
@@ -126,9 +124,10 @@ def test_train_and_evaluate_resume(tiny, tmp_path, monkeypatch):
     state, m = t["step"](state, batch)
   assert float(m["loss"]) == pytest.approx(resumed["loss"], rel=1e-6)
   state6 = jax.device_get(state)
-  _tree_equal(state6.params, final.params)
-  _tree_equal(state6.ema_params, final.ema_params)
-  _tree_equal(state6.opt_state, final.opt_state)
+  assert float(state6.lam) == pytest.approx(0.0032)
+  # The exported model holds the EMA params of step 6 (one restore of
+  # step 6 would cost as much as the rest of the test).
+  _tree_equal(loaded.params, state6.ema_params)
 
 
 def _restore(workdir, step, t):
