@@ -5,10 +5,10 @@ run is one process of several and, if so, calls
 ``jax.distributed.initialize``. Where the settings come from, first
 match wins:
 
-1. Explicit values: the arguments (the main job's ``--coordinator``,
-   ``--num_processes``, ``--process_id``), else the environment
-   variables ``CDC_COORDINATOR``, ``CDC_NUM_PROCESSES``,
-   ``CDC_PROCESS_ID``. All three, or only some inside a SLURM step (JAX
+1. Explicit values, each from its argument (the main job's
+   ``--coordinator``, ``--num_processes``, ``--process_id``) else its
+   environment variable (``CDC_COORDINATOR``, ``CDC_NUM_PROCESSES``,
+   ``CDC_PROCESS_ID``): all three, or only some inside a SLURM step (JAX
    fills the rest from SLURM's variables). ``--coordinator=auto`` leaves
    all three to JAX's cluster detection.
 2. ``CDC_DISTRIBUTED=off``: a single process, whatever the environment
@@ -19,12 +19,13 @@ match wins:
    61440 + job id mod 4096 unless ``JAX_COORDINATOR_PORT`` is set, one
    GPU per task unless ``JAX_LOCAL_DEVICE_IDS`` is set); a Cloud TPU VM
    (JAX reads the hosts from the VM metadata; a single-host VM becomes a
-   one-process run, which also turns on the preemption service).
+   one-process run, which also turns on the preemption service), unless
+   ``JAX_PLATFORMS`` leaves out tpu.
 4. Otherwise: a single process; nothing is initialised.
 
 After ``initialize``, ``describe()`` gives the line the main job logs:
-``process 0 of 2 (coordinator 10.0.0.1:1234): 4 local / 8 global tpu
-devices``.
+``process 0 of 2 (explicit, coordinator 10.0.0.1:1234): 4 local / 8
+global gpu devices``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ ENV_NUM_PROCESSES = "CDC_NUM_PROCESSES"
 ENV_PROCESS_ID = "CDC_PROCESS_ID"
 ENV_MODE = "CDC_DISTRIBUTED"
 AUTO = "auto"
+# How long a finished process waits at exit for the others. JAX's 300 s
+# is shorter than process 0's held-out report after training on a CPU or
+# a slow host; a timeout there aborts every process after the work is done.
+SHUTDOWN_TIMEOUT_S = 3600
 _ENV = {
   "coordinator": ENV_COORDINATOR,
   "num_processes": ENV_NUM_PROCESSES,
@@ -235,6 +240,7 @@ def _start(p: Plan, timeout_s: int) -> None:
       num_processes=p.num_processes,
       process_id=p.process_id,
       initialization_timeout=timeout_s,
+      shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
     )
   except RuntimeError as e:
     if "before any JAX calls" in str(e):

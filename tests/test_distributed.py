@@ -68,14 +68,12 @@ def _worker_collective(out: dict) -> None:
 
 
 def _worker(mode: str, out_path: str, coordinator=None, pid=None) -> None:
-  # As tests/conftest.py: the same numerics and compile cache as pytest.
-  jax.config.update("jax_disable_most_optimizations", True)
-  jax.config.update("jax_compilation_cache_dir", os.environ["CACHE_DIR"])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  # On a cache miss process 0 compiles and hands the binary to process 1:
-  # one compile instead of two racing on 2 cores, and no compile-time
-  # skew between the processes (see GLOO_SKEW).
-  jax.config.update("jax_share_binary_between_hosts", True)
+  jax.config.update("jax_disable_most_optimizations", True)  # as conftest
+  # No persistent compile cache: in jax 0.10.2 each process has its own
+  # cache key for a multi-process program and only process 0 writes, so
+  # with a warm cache process 0 loads while process 1 compiles, and the
+  # skew can exceed gloo's 30 s start-up deadline (GLOO_SKEW).
+  jax.config.update("jax_enable_compilation_cache", False)
   n = None if coordinator is None else 2
   plan = distributed.initialize(coordinator, n, pid, timeout_s=60)
   out = {
@@ -115,8 +113,8 @@ def run_pair(mode, tmp_path, timeout=120, slurm=False) -> list[dict]:
   """Runs the two workers of ``mode``; returns their JSON outputs.
 
   ``slurm``: no coordinator arguments; a faked SLURM step instead. A
-  pair that fails only through the gloo start-up timeout is run again
-  once (its compiles are cached by then).
+  pair that fails through the gloo start-up deadline (scheduling skew on
+  a loaded machine, not a fault of the code under test) runs once more.
   """
   codes, logs = _run_pair_once(mode, tmp_path, timeout, slurm)
   if codes != [0, 0] and any(GLOO_SKEW in err for err in logs):
@@ -141,7 +139,6 @@ def _run_pair_once(mode, tmp_path, timeout, slurm):
     **os.environ,
     "JAX_PLATFORMS": "cpu",
     "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-    "CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
     "PYTHONPATH": os.pathsep.join([REPO, os.path.dirname(__file__)]),
   }
   for k in [k for k in env if k.startswith(("CDC_", "SLURM_"))]:
@@ -193,6 +190,9 @@ def _check_topology(results, kind):
     assert "2 local / 4 global cpu devices" in r["describe"]
 
 
+# slow: gloo's fixed 30 s start-up deadline can pass on a loaded 2-core
+# machine while the other process still compiles.
+@pytest.mark.slow
 def test_two_processes_build_one_global_batch(tmp_path):
   results = run_pair("collective", tmp_path)
   _check_topology(results, "explicit")
@@ -206,6 +206,7 @@ def test_two_processes_build_one_global_batch(tmp_path):
     assert "4 devices (2 process(es) x 2 local)" in r["check_batch"]
 
 
+@pytest.mark.slow  # 2 processes (see above)
 def test_slurm_step_is_detected(tmp_path):
   """No arguments: the SLURM variables of an srun step start the pair."""
   results = run_pair("collective", tmp_path, slurm=True)

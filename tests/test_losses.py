@@ -235,6 +235,7 @@ def rho_run(vgg):
   return _train(RHO, vgg)
 
 
+@pytest.mark.slow  # compiles a second train step (about 3 min on 2 cores)
 def test_train_step_with_rho(rho_run):
   for m in rho_run:
     assert np.isfinite(m["loss"]) and m["aux_loss"] > 0

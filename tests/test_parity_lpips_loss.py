@@ -73,6 +73,8 @@ def _skip_reason() -> str | None:
 
 
 pytestmark = [
+  # Builds VGG16 twice per family (about 2 min on 2 cores): run with -m slow.
+  pytest.mark.slow,
   pytest.mark.parity,
   pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
 ]

@@ -49,6 +49,7 @@ def test_one_device_equals_eight_devices(tiny):
   assert max(jax.tree.leaves(moved)) > 1e-3
 
 
+@pytest.mark.slow  # 40 steps; the parity tests cover the loss and gradients
 def test_tiny_model_overfits_one_crop(tiny):
   # Checked locally with seeds 0, 1, 2 (init and step): first-10 / last-10
   # ratios 6.9, 5.3 and 19 after 36 steps.
