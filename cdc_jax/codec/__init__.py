@@ -14,7 +14,8 @@ g_s(y_hat) -> DDIM from x_T = gamma * N(0, I; seed) -> crop -> uint8.
 ``load`` reads a model directory or a training workdir
 (``cdc_jax.model_dir.load``); ``compress`` / ``decompress`` are the file
 API, ``encode_latents`` / ``entropy_encode`` / ``decode_latents`` the
-steps in between.
+steps in between. A header's steps, size, gamma and memory estimate are
+checked against ``codec.limits`` before anything is decoded.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdc_jax import diffusion, entropy_tables, model_dir
+from cdc_jax.codec import limits
+from cdc_jax.codec.errors import CodecError
+from cdc_jax.codec.limits import (  # noqa: F401 (the API re-exports them)
+  DEFAULT_MAX_PIXELS,
+  DEFAULT_MAX_STEPS,
+  MAX_PIXELS,
+  MAX_SIDE,
+  Limits,
+  check_size,
+)
 from cdc_jax.coding import container, range_coder
 from cdc_jax.coding import tables as coding_tables
 from cdc_jax.coding.errors import BitstreamError
@@ -42,14 +53,6 @@ from cdc_jax.sample import Sampler, initial_noise
 FAMILY_IDS = {"eps": container.FAMILY_EPS, "x": container.FAMILY_X}
 DEFAULT_STEPS = {"eps": 200, "x": 65}  # the original test scripts'
 DEFAULT_GAMMA = 0.8
-# Largest image the codec accepts (per side, and in pixels): a file whose
-# header claims more is rejected before anything is allocated.
-MAX_SIDE = 32768
-MAX_PIXELS = 2**28
-
-
-class CodecError(ValueError):
-  """A user-facing codec error; the message names the file and problem."""
 
 
 # -- the loaded codec ---------------------------------------------------------
@@ -160,14 +163,6 @@ def pad_image(img: np.ndarray, factor: int) -> np.ndarray:
   return np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
 
 
-def check_size(h: int, w: int):
-  if h > MAX_SIDE or w > MAX_SIDE or h * w > MAX_PIXELS:
-    raise CodecError(
-      f"image size {w}x{h} exceeds the codec's limit ({MAX_SIDE} per side, "
-      f"{MAX_PIXELS} pixels)"
-    )
-
-
 # -- latents ------------------------------------------------------------------
 
 
@@ -246,17 +241,25 @@ def compress_image(
   steps: int | None = None,
   gamma: float = DEFAULT_GAMMA,
   seed: int = 0,
+  max_steps: int = DEFAULT_MAX_STEPS,
+  max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Compressed:
-  """uint8 [H, W, 3] -> Compressed (the file bytes and the estimate)."""
-  h, w = _check_image(img)
+  """uint8 [H, W, 3] -> Compressed (the file bytes and the estimate).
+
+  Steps, gamma and size must be within the decoder's limits
+  (``codec.limits``): the file records them, and ``decompress`` with the
+  same ``max_steps`` / ``max_pixels`` accepts it.
+  """
+  h, w = limits.check_image(img, Limits(max_steps, max_pixels).max_pixels)
+  steps = DEFAULT_STEPS[cm.family] if steps is None else steps
   header = container.Header(
     fingerprint=cm.fingerprint,
     height=h,
     width=w,
     family=FAMILY_IDS[cm.family],
-    steps=_check_steps(cm, steps),
-    gamma=_check_gamma(gamma),
-    seed=_check_seed(seed),
+    steps=limits.check_steps(steps, cm.schedule.timesteps, max_steps),
+    gamma=limits.check_gamma(gamma),
+    seed=limits.check_seed(seed),
   )
   x = to_float(pad_image(img, cm.downsampling_factor))[None]
   latents = encode_latents(cm, jnp.asarray(x))
@@ -269,41 +272,91 @@ def compress(cm: CodecModel, img: np.ndarray, **kw) -> bytes:
   return compress_image(cm, img, **kw).data
 
 
-def decompress(cm: CodecModel, blob: bytes) -> np.ndarray:
-  """File bytes -> uint8 [H, W, 3]."""
-  header, stream = parse(cm, blob)
-  y_hat = decode_latents(cm, header, stream)
-  x_init = initial_noise(header.seed, _noise_shape(cm, header), header.gamma)
-  x = cm.sampler.decode_latent(cm.params, y_hat, x_init, header.steps)
-  return _to_image(np.asarray(x[0]), header)
+def decompress(
+  cm: CodecModel,
+  blob: bytes,
+  *,
+  max_steps: int = DEFAULT_MAX_STEPS,
+  max_pixels: int = DEFAULT_MAX_PIXELS,
+  max_memory: float | None = None,
+  progress=None,
+) -> np.ndarray:
+  """File bytes -> uint8 [H, W, 3].
+
+  The header must be within the limits (``codec.limits``): decode steps
+  <= ``max_steps`` and the model's T, pixels <= ``max_pixels``, gamma in
+  [0, 4], and the estimated memory of the decode <= ``max_memory`` bytes
+  (None: the memory available now; ``math.inf``: no check); else a
+  CodecError, raised before anything is decoded. ``progress(done, total)``
+  is called on the host as the steps run (``cdc_jax.sample``); an
+  exception it raises stops the decode.
+  """
+  lim = Limits(max_steps, max_pixels, max_memory)
+  header, stream = parse(cm, blob, lim)
+  limits.images_per_batch(cm.model, header.height, header.width, 1, lim)
+  return _decode_batch(cm, [(header, stream)], progress)[0]
 
 
-def decompress_many(cm: CodecModel, blobs: Sequence[bytes]) -> list:
-  """Decodes files; files of one size and step count share one batch.
+def decompress_many(
+  cm: CodecModel,
+  blobs: Sequence[bytes],
+  *,
+  max_steps: int = DEFAULT_MAX_STEPS,
+  max_pixels: int = DEFAULT_MAX_PIXELS,
+  max_memory: float | None = None,
+  progress=None,
+) -> list:
+  """Decodes files; files of one size and step count share a batch, as
+  many as the memory budget allows (limits and ``progress`` as in
+  ``decompress``; every file is checked before any is decoded; progress
+  counts the steps of all batches).
 
   Faster than one by one on accelerators, but not bit-exact with
   ``decompress``: XLA may round a batch differently, so a pixel can differ
   by one level. ``decompress`` of one file is the reference, reproducible
   bit for bit on one platform.
   """
-  parsed = [parse(cm, b) for b in blobs]
+  lim = Limits(max_steps, max_pixels, max_memory)
+  parsed = [parse(cm, b, lim) for b in blobs]
   groups: dict = {}
   for i, (hdr, _) in enumerate(parsed):
     key = (_noise_shape(cm, hdr), hdr.steps)
     groups.setdefault(key, []).append(i)
-  out: list = [None] * len(blobs)
-  for (shape, steps), members in groups.items():
-    y_hat = jnp.concatenate([decode_latents(cm, *parsed[i]) for i in members])
-    x_init = jnp.concatenate(
-      [
-        initial_noise(parsed[i][0].seed, shape, parsed[i][0].gamma)
-        for i in members
-      ]
+  batches = []
+  for members in groups.values():
+    hdr = parsed[members[0]][0]
+    n = limits.images_per_batch(
+      cm.model, hdr.height, hdr.width, len(members), lim
     )
-    x = np.asarray(cm.sampler.decode_latent(cm.params, y_hat, x_init, steps))
-    for j, i in enumerate(members):
-      out[i] = _to_image(x[j], parsed[i][0])
+    batches += [members[k : k + n] for k in range(0, len(members), n)]
+  total = sum(parsed[m[0]][0].steps for m in batches)
+  out: list = [None] * len(blobs)
+  done = 0
+  for members in batches:
+    report = None
+    if progress is not None:
+      report = functools.partial(_offset, progress, done, total)
+    images = _decode_batch(cm, [parsed[i] for i in members], report)
+    for i, img in zip(members, images, strict=True):
+      out[i] = img
+    done += parsed[members[0]][0].steps
   return out
+
+
+def _offset(progress, before: int, total: int, done: int, _):
+  progress(before + done, total)
+
+
+def _decode_batch(cm: CodecModel, parsed: list, progress) -> list:
+  """(header, stream) pairs of one padded size and step count -> images."""
+  shape, steps = _noise_shape(cm, parsed[0][0]), parsed[0][0].steps
+  y_hat = jnp.concatenate([decode_latents(cm, *p) for p in parsed])
+  x_init = jnp.concatenate(
+    [initial_noise(h.seed, shape, h.gamma) for h, _ in parsed]
+  )
+  x = cm.sampler.decode_latent(cm.params, y_hat, x_init, steps, progress)
+  x = np.asarray(x)
+  return [_to_image(x[j], h) for j, (h, _) in enumerate(parsed)]
 
 
 def _to_image(x: np.ndarray, header: container.Header) -> np.ndarray:
@@ -319,8 +372,11 @@ def _to_image(x: np.ndarray, header: container.Header) -> np.ndarray:
   return to_uint8(x)
 
 
-def parse(cm: CodecModel, blob: bytes) -> tuple[container.Header, bytes]:
-  """Checks a file against ``cm``; returns its header and stream."""
+def parse(
+  cm: CodecModel, blob: bytes, lim: Limits | None = None
+) -> tuple[container.Header, bytes]:
+  """Checks a file against ``cm`` and the decoder's limits (default
+  ``Limits()``, memory aside); returns its header and stream."""
   try:
     header, streams = container.unpack(blob)
   except BitstreamError as e:
@@ -334,44 +390,10 @@ def parse(cm: CodecModel, blob: bytes) -> tuple[container.Header, bytes]:
     )
   if header.family != FAMILY_IDS[cm.family] or len(streams) != 1:
     raise CodecError("the file's header does not match the model")
-  if header.steps < 1:
-    raise CodecError("invalid header: 0 decode steps")
-  check_size(header.height, header.width)
+  limits.check_header(header, cm.schedule.timesteps, lim or Limits())
   return header, streams[0]
 
 
 def _noise_shape(cm: CodecModel, header: container.Header):
   hp, wp = padded_size(header.height, header.width, cm.downsampling_factor)
   return (1, hp, wp, cm.model.channels)
-
-
-def _check_image(img) -> tuple[int, int]:
-  img = np.asarray(img)
-  if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
-    raise CodecError(
-      f"expected a uint8 [H, W, 3] image, got {img.dtype} {img.shape}"
-    )
-  h, w, _ = img.shape
-  if h < 1 or w < 1:
-    raise CodecError("the image is empty")
-  check_size(h, w)
-  return h, w
-
-
-def _check_steps(cm: CodecModel, steps) -> int:
-  steps = DEFAULT_STEPS[cm.family] if steps is None else int(steps)
-  if not 1 <= steps <= 65535:
-    raise CodecError(f"--steps must be in [1, 65535], got {steps}")
-  return steps
-
-
-def _check_gamma(gamma) -> float:
-  if not math.isfinite(gamma) or not math.isfinite(float(np.float32(gamma))):
-    raise CodecError(f"--gamma must be a finite float32, got {gamma}")
-  return gamma
-
-
-def _check_seed(seed) -> int:
-  if not 0 <= seed < 2**64:
-    raise CodecError(f"--seed must be in [0, 2**64), got {seed}")
-  return seed

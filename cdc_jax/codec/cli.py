@@ -1,13 +1,16 @@
 """The codec's command line: ``python -m cdc_jax.codec {compress,decompress}``.
 
   python -m cdc_jax.codec compress --model M INPUT_IMAGE OUTPUT.cdcj \
-      [--steps S] [--gamma G] [--seed N]
-  python -m cdc_jax.codec decompress --model M INPUT.cdcj OUTPUT.png
+      [--steps S] [--gamma G] [--seed N] [--max-steps N] [--max-pixels N]
+  python -m cdc_jax.codec decompress --model M INPUT.cdcj OUTPUT.png \
+      [--max-steps N] [--max-pixels N] [--max-memory SIZE] [--progress]
 
 M is a model directory (exported by training, or converted from the
 released PyTorch weights) or a training workdir (its latest checkpoint,
 EMA params where present). Every user error is one line on stderr and exit
-status 2; outputs are written atomically.
+status 2; outputs are written atomically. A decode shows a progress bar
+(steps, s/step, ETA) on a terminal; the limits a file's header must meet
+are in ``cdc_jax.codec.limits``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import argparse
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 from cdc_jax import codec
+from cdc_jax.codec import limits
 from cdc_jax.imageio import (
   ImageError,
   WriteError,
@@ -38,19 +43,97 @@ def compress_file(cm, src: str, dst: str, **kw) -> codec.Compressed:
   return res
 
 
-def decompress_file(cm, src: str, dst: str) -> np.ndarray:
-  """.cdcj file -> PNG file; returns the image."""
+def decompress_file(cm, src: str, dst: str, **kw) -> np.ndarray:
+  """.cdcj file -> PNG file; returns the image (keywords: the limits and
+  ``progress`` of ``codec.decompress``)."""
   try:
     with open(src, "rb") as f:
       blob = f.read()
   except OSError as e:
     raise codec.CodecError(f"{src}: cannot read ({e.strerror})") from None
   try:
-    img = codec.decompress(cm, blob)
+    img = codec.decompress(cm, blob, **kw)
   except codec.CodecError as e:
     raise codec.CodecError(f"{src}: {e}") from None
   save_png(dst, img)
   return img
+
+
+class ProgressBar:
+  """``progress(done, total)`` for a decode: a tqdm bar of steps on stderr
+  (s/step, ETA), opened at the first report so that its rate leaves out
+  the compile. ``enabled=None``: only on a terminal."""
+
+  def __init__(self, enabled: bool | None = None):
+    self.disable = None if enabled is None else not enabled
+    self.bar = None
+
+  def __call__(self, done: int, total: int):
+    if self.bar is None:
+      self.bar = tqdm(
+        total=total,
+        initial=done,
+        unit="step",
+        desc="decoding",
+        disable=self.disable,
+        file=sys.stderr,
+      )
+    else:
+      self.bar.update(done - self.bar.n)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _size(text: str) -> float:
+  try:
+    return limits.parse_size(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+  return value
+
+
+def _add_limits(p: argparse.ArgumentParser, decoding: bool):
+  what = "a file may ask for" if decoding else "to allow (decoding needs it)"
+  p.add_argument(
+    "--max-steps",
+    type=_positive,
+    default=codec.DEFAULT_MAX_STEPS,
+    help=f"most decode steps {what} (default {codec.DEFAULT_MAX_STEPS}; "
+    "never more than the model's T)",
+  )
+  p.add_argument(
+    "--max-pixels",
+    type=_positive,
+    default=codec.DEFAULT_MAX_PIXELS,
+    help=f"most pixels {what} (default {codec.DEFAULT_MAX_PIXELS:,})",
+  )
+  if not decoding:
+    return
+  p.add_argument(
+    "--max-memory",
+    type=_size,
+    default=None,
+    help="memory budget of the decode, e.g. 16G or 800M (decimal units; "
+    "GiB, MiB binary), 'inf' for no check (default: the memory available "
+    "now); a decode whose estimate exceeds it is refused",
+  )
+  p.add_argument(
+    "--progress",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="show a progress bar of the decode steps (default: on a terminal)",
+  )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     default=0,
     help="seed of the initial decode noise (default 0)",
   )
+  _add_limits(c, decoding=False)
   d = sub.add_parser(
     "decompress",
     help=".cdcj file -> PNG",
@@ -101,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   d.add_argument("input", help="input .cdcj file")
   d.add_argument("output", help="output PNG")
+  _add_limits(d, decoding=True)
   return p
 
 
@@ -116,13 +201,27 @@ def main(argv=None) -> int:
         steps=args.steps,
         gamma=args.gamma,
         seed=args.seed,
+        max_steps=args.max_steps,
+        max_pixels=args.max_pixels,
       )
       print(
         f"{args.output}: {len(res.data)} bytes, {res.height}x{res.width}, "
         f"{res.bpp:.4f} bpp (model estimate {res.estimated_bpp:.4f} bpp)"
       )
     else:
-      img = decompress_file(cm, args.input, args.output)
+      bar = ProgressBar(args.progress)
+      try:
+        img = decompress_file(
+          cm,
+          args.input,
+          args.output,
+          max_steps=args.max_steps,
+          max_pixels=args.max_pixels,
+          max_memory=args.max_memory,
+          progress=bar,
+        )
+      finally:
+        bar.close()
       print(f"{args.output}: {img.shape[0]}x{img.shape[1]}")
   except (codec.CodecError, WriteError) as e:
     print(f"error: {e}", file=sys.stderr)
