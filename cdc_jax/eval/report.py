@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections import defaultdict
 
 import numpy as np
@@ -198,9 +197,4 @@ def grid(path: str, images: list[np.ndarray], gap: int = 4) -> str:
     pad = np.full((h - img.shape[0], img.shape[1], 3), 255, np.uint8)
     parts.append(np.concatenate([img, pad], axis=0))
   save_png(path, np.concatenate(parts, axis=1))
-  return path
-
-
-def output_dir(path: str) -> str:
-  os.makedirs(path, exist_ok=True)
   return path

@@ -11,7 +11,7 @@ given (``lpips_fn(a_u8, b_u8) -> float``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -126,6 +126,3 @@ def progress(items, total: int | None, desc: str, enabled: bool = True):
   from tqdm import tqdm
 
   return tqdm(items, total=total, desc=desc, dynamic_ncols=True)
-
-
-LpipsFn = Callable[[np.ndarray, np.ndarray], float]
