@@ -438,6 +438,10 @@ def test_cli_not_a_checkpoint_file(content, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1
   assert "not a PyTorch checkpoint readable with weights_only=True" in err[0]
+  # torch's own text suggests unpickling the file; never pass that on.
+  assert "weights_only=False" not in err[0] and "\x1b" not in err[0]
+  if content == "object":
+    assert "pickled Python objects" in err[0]
   assert not os.path.exists(tmp_path / "out")
 
 

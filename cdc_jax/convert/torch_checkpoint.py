@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,11 +72,23 @@ def load_torch_checkpoint(path: str) -> Any:
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - torch raises many kinds
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise ConversionError(
       f"{path}: not a PyTorch checkpoint readable with weights_only=True "
-      f"({type(e).__name__}: {msg[:200]})"
+      f"({_why_unreadable(e)})"
     ) from None
+
+
+def _why_unreadable(e: Exception) -> str:
+  """torch's reason, without its advice to unpickle untrusted objects."""
+  text = str(e)
+  if "Weights only load failed" in text:
+    return (
+      "it holds pickled Python objects besides tensors, which are never "
+      "loaded here; save a plain state dict of tensors instead"
+    )
+  first = text.strip().splitlines()[0] if text.strip() else ""
+  first = re.sub(r"\x1b\[[0-9;]*m", "", first)
+  return f"{type(e).__name__}: {first[:200]}"
 
 
 def select_state_dict(ckpt: Any, use_ema: bool = True) -> tuple[dict, str]:
