@@ -1,0 +1,226 @@
+"""FID InceptionV3 weights (a local ``.pth``) -> ``models.inception`` vars.
+
+The weights of the FID literature are the TF 2015 graph converted to
+PyTorch: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``
+and pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (one sha256
+prefix in both names, as torch.hub names files: the same weights; see
+``WEIGHTS_URLS``). Both use torchvision's ``Inception3`` key names::
+
+  <block>[.<branch>].conv.weight        (O, I, kh, kw) -> .../conv/kernel
+  <block>[.<branch>].bn.weight / bias   (O,)  -> params/.../bn/scale, bias
+  <block>[.<branch>].bn.running_mean/var (O,) -> batch_stats/.../bn/mean, var
+  fc.weight (1008, 2048), fc.bias       the logits head: checked, dropped
+  *.num_batches_tracked, "module." prefixes: ignored
+
+The mapping is one table (``table``) generated from the Flax model's
+variables, every row used once. Nothing is downloaded: a missing or wrong
+file raises ``InceptionWeightsError`` with one line naming the file and
+where to get it. ``.pth`` files are read with
+``torch.load(weights_only=True)`` (torch needed only for them); the
+``.npz`` this module writes is plain arrays (``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from cdc_jax.convert.errors import ConversionError, listing
+from cdc_jax.convert.torch_checkpoint import load_torch_checkpoint
+from cdc_jax.convert.transforms import CONV, SAME, Row, shape_of, to_numpy
+from cdc_jax.models import inception as inc
+
+WEIGHTS_URLS = (
+  "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+  "weights-inception-2015-12-05-6726825d.pth",
+  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+  "pt_inception-2015-12-05-6726825d.pth",
+)
+FID_CLASSES = 1008  # the 2015 graph's logits; torchvision's ImageNet has 1000
+# torch BatchNorm2d / Conv2d names <-> Flax leaf names.
+_LEAVES = {
+  "conv/kernel": ("conv.weight", CONV),
+  "bn/scale": ("bn.weight", SAME),
+  "bn/bias": ("bn.bias", SAME),
+  "bn/mean": ("bn.running_mean", SAME),
+  "bn/var": ("bn.running_var", SAME),
+}
+
+
+class InceptionWeightsError(ConversionError):
+  """An Inception weights file is missing or is not the FID weights."""
+
+
+def fetch_hint() -> str:
+  """Where the weights come from (text only; cdc_jax never downloads)."""
+  return (
+    f"download {WEIGHTS_URLS[0]} (or pytorch-fid's {WEIGHTS_URLS[1]}, the "
+    "same weights) yourself and pass its path, or convert it once with "
+    "python -m cdc_jax.convert.inception_cli SRC.pth OUT.npz"
+  )
+
+
+def torch_key(flax_key: str) -> tuple[str, Any]:
+  """``params/Mixed_5b/branch1x1/conv/kernel`` -> (torch key, transform)."""
+  _, *path = flax_key.split("/")
+  leaf, transform = _LEAVES["/".join(path[-2:])]
+  return ".".join(path[:-2] + [leaf]), transform
+
+
+@functools.lru_cache(maxsize=1)
+def table() -> tuple[tuple[Row, tuple[int, ...]], ...]:
+  """Rows (torch key, Flax variable key, transform) with Flax shapes."""
+  rows = []
+  for key, shape in inc.variable_shapes().items():
+    tkey, transform = torch_key(key)
+    rows.append((Row(tkey, key, transform), shape))
+  return tuple(rows)
+
+
+def _clean(state: Mapping[str, Any], what: str) -> dict[str, Any]:
+  """Drops the logits head and bookkeeping after checking they fit."""
+  out = {}
+  for k, v in state.items():
+    k = str(k).removeprefix("module.")
+    if k.endswith("num_batches_tracked"):
+      continue
+    if k.startswith("AuxLogits."):
+      raise InceptionWeightsError(
+        f"{what}: has AuxLogits.*, so it is torchvision's ImageNet "
+        f"InceptionV3, not the FID weights; {fetch_hint()}"
+      )
+    if k in ("fc.weight", "fc.bias"):
+      if shape_of(v) not in ((FID_CLASSES, inc.FEATURES), (FID_CLASSES,)):
+        raise InceptionWeightsError(
+          f"{what}: {k} has shape {shape_of(v)}, not the FID graph's "
+          f"{FID_CLASSES} classes; {fetch_hint()}"
+        )
+      continue
+    out[k] = v
+  return out
+
+
+def variables_from_state_dict(
+  state: Mapping[str, Any], what: str = "state dict"
+) -> dict[str, np.ndarray]:
+  """A torch-fidelity / pytorch-fid state dict -> flat Flax variables.
+
+  Keys ``"params/..."`` and ``"batch_stats/..."`` (``model_dir.unflatten``
+  gives the ``variables`` of ``InceptionV3.apply``); every table row is
+  used once and no other tensor is left.
+  """
+  state = _clean(state, what)
+  rows = table()
+  missing = [r.torch_key for r, _ in rows if r.torch_key not in state]
+  wanted = {r.torch_key for r, _ in rows}
+  unexpected = sorted(k for k in state if k not in wanted)
+  if missing or unexpected:
+    parts = [f"missing {listing(missing)}"] if missing else []
+    parts += [f"unexpected {listing(unexpected)}"] if unexpected else []
+    raise InceptionWeightsError(
+      f"{what}: not the FID InceptionV3 weights ({'; '.join(parts)}); "
+      f"{fetch_hint()}"
+    )
+  out = {}
+  for row, shape in rows:
+    want, got = row.transform.torch_shape(shape), shape_of(state[row.torch_key])
+    if got != want:
+      raise InceptionWeightsError(
+        f"{what}: {row.torch_key} has shape {got}, expected {want}"
+      )
+    a = to_numpy(state[row.torch_key]).astype(np.float32)
+    out[row.flax_path] = np.ascontiguousarray(row.transform.to_flax(a))
+  _check_finite(out, what)
+  return out
+
+
+def to_torch_state_dict(flat: Mapping[str, np.ndarray]) -> dict:
+  """The inverse of ``variables_from_state_dict`` (without ``fc``)."""
+  return {
+    r.torch_key: np.ascontiguousarray(r.transform.to_torch(flat[r.flax_path]))
+    for r, _ in table()
+  }
+
+
+def _check_finite(flat: Mapping[str, np.ndarray], what: str) -> None:
+  bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise InceptionWeightsError(f"{what}: non-finite values in {listing(bad)}")
+
+
+def _is_npz(path: str) -> bool:
+  """True for a numpy archive (a zip of .npy files); a torch zip is not."""
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    names = z.namelist()
+  return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  what = f"InceptionV3 weights {path}"
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      flat = {k: np.asarray(z[k], np.float32) for k in z.files}
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise InceptionWeightsError(
+      f"{what}: not a plain .npz file ({type(e).__name__}); {fetch_hint()}"
+    ) from None
+  shapes = dict((r.flax_path, s) for r, s in table())
+  bad = sorted(set(shapes) ^ set(flat))
+  bad += [k for k in shapes if k in flat and flat[k].shape != shapes[k]]
+  if bad:
+    raise InceptionWeightsError(
+      f"{what}: not FID InceptionV3 variables (wrong or missing keys/"
+      f"shapes: {listing(bad)}); {fetch_hint()}"
+    )
+  _check_finite(flat, what)
+  return flat
+
+
+def _read_pth(path: str) -> dict[str, np.ndarray]:
+  what = f"InceptionV3 weights {path}"
+  try:
+    state = load_torch_checkpoint(path)
+  except ConversionError as e:
+    raise InceptionWeightsError(f"{what}: {e}") from None
+  if not isinstance(state, Mapping):
+    raise InceptionWeightsError(
+      f"{what}: not a state dict (got {type(state).__name__}); {fetch_hint()}"
+    )
+  return variables_from_state_dict(state, what)
+
+
+def load_variables(path: str) -> dict[str, np.ndarray]:
+  """Flat InceptionV3 variables from an ``.npz`` (``save_variables``) or
+  from the torch-fidelity / pytorch-fid ``.pth`` (needs torch).
+
+  The format is read from the file's contents, not its name.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise InceptionWeightsError(
+      f"InceptionV3 FID weights {path}: no such file; {fetch_hint()}"
+    )
+  return _read_npz(path) if _is_npz(path) else _read_pth(path)
+
+
+def save_variables(path: str, flat: Mapping[str, np.ndarray]) -> None:
+  """Writes flat variables as an ``.npz`` of plain float32 arrays."""
+  with open(path, "wb") as f:
+    np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def convert_file(src: str, out: str) -> int:
+  """``src`` (.pth or .npz) -> ``out`` (.npz); returns the value count."""
+  flat = load_variables(src)
+  out_dir = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(out_dir):
+    raise InceptionWeightsError(f"{out_dir}: no such directory")
+  save_variables(out, flat)
+  return sum(v.size for v in flat.values())
