@@ -184,14 +184,72 @@ class Injected:
       assert not self.rand and not self.randn, "unused injected noise"
 
 
-def forward(family, inputs_path, ckpt_path, outputs_path, seed="0"):
-  """The released model's outputs (test_parity.py)."""
+def _perturbed(family, seed, **build_kw):
+  """``build(family, **build_kw)`` after seeding torch with ``seed``,
+  ``perturb``-ed; returns it and the generator, for further draws."""
   torch.manual_seed(int(seed))
   gen = torch.Generator().manual_seed(int(seed) + 1)
-  model = build(family)
+  model = build(family, **build_kw)
   perturb(model, gen)
+  return model, gen
+
+
+def _load_inputs(path):
+  """The test's inputs (NCHW) as tensors."""
+  return {k: torch.from_numpy(v) for k, v in np.load(path).items()}
+
+
+def _small(family, inp, seed, aux_weight=0.0):
+  """The ``grads``/``lpips`` model: sizes and rate weight from ``inp``."""
+  return _perturbed(
+    family,
+    seed,
+    dim=int(inp["dim"]),
+    context_channels=int(inp["context_channels"]),
+    lagrangian=float(inp["lagrangian"]),
+    aux_weight=aux_weight,
+  )
+
+
+def _save_checkpoint(model, path):
+  torch.save({"step": 1234, "model": model.state_dict()}, path)
+
+
+def _train_backward(model, inp):
+  """One training forward of ``images`` with t, rate noise and eps
+  injected, then the original trainer's (modules/trainer.py) two backward
+  passes; returns (loss, extra)."""
+  model.train()
+  model.zero_grad(set_to_none=True)
+  rates = [inp["rz"], inp["ry"]]
+  with Injected(inp["t"].long(), rates, [inp["eps"]]):
+    loss, extra = model(inp["images"])
+  loss.backward()
+  extra.backward()
+  return loss, extra
+
+
+def _save_gradients(path, model, out, skip=None):
+  """Writes ``out`` plus ``grad.NAME`` of every named parameter (zeros
+  where torch left none, those names in ``no_grad``), but those whose
+  name starts with ``skip``."""
+  no_grad = []
+  for name, p in model.named_parameters():
+    if skip and name.startswith(skip):
+      continue
+    if p.grad is None:
+      no_grad.append(name)
+      out[f"grad.{name}"] = torch.zeros_like(p)
+    else:
+      out[f"grad.{name}"] = p.grad
+  _save(path, out, no_grad=np.asarray(no_grad, dtype=np.str_))
+
+
+def forward(family, inputs_path, ckpt_path, outputs_path, seed="0"):
+  """The released model's outputs (test_parity.py)."""
+  model, _ = _perturbed(family, seed)
   if family == "eps":
-    torch.save({"step": 1234, "model": model.state_dict()}, ckpt_path)
+    _save_checkpoint(model, ckpt_path)
   else:
     from ema_pytorch import EMA
 
@@ -205,7 +263,7 @@ def forward(family, inputs_path, ckpt_path, outputs_path, seed="0"):
     torch.save(state, ckpt_path)
     model = ema.ema_model
 
-  inp = {k: torch.from_numpy(v) for k, v in np.load(inputs_path).items()}
+  inp = _load_inputs(inputs_path)
   out = {}
   n_sets = sum(1 for k in inp if k.startswith("images_"))
   model.eval()
@@ -243,35 +301,11 @@ def forward(family, inputs_path, ckpt_path, outputs_path, seed="0"):
 
 def grads(family, inputs_path, ckpt_path, outputs_path, seed="0"):
   """Training-loss gradients of a small model (test_parity_grads.py)."""
-  torch.manual_seed(int(seed))
-  gen = torch.Generator().manual_seed(int(seed) + 1)
-  inp = {k: torch.from_numpy(v) for k, v in np.load(inputs_path).items()}
-  model = build(
-    family,
-    dim=int(inp["dim"]),
-    context_channels=int(inp["context_channels"]),
-    lagrangian=float(inp["lagrangian"]),
-  )
-  perturb(model, gen)
-  torch.save({"step": 1234, "model": model.state_dict()}, ckpt_path)
-
-  model.train()
-  model.zero_grad(set_to_none=True)
-  rates = [inp["rz"], inp["ry"]]
-  with Injected(inp["t"].long(), rates, [inp["eps"]]):
-    loss, extra = model(inp["images"])
-  # As the original trainer (modules/trainer.py): two backward passes.
-  loss.backward()
-  extra.backward()
-  out = {"loss": loss, "extra": extra}
-  no_grad = []
-  for name, p in model.named_parameters():
-    if p.grad is None:
-      no_grad.append(name)
-      out[f"grad.{name}"] = torch.zeros_like(p)
-    else:
-      out[f"grad.{name}"] = p.grad
-  _save(outputs_path, out, no_grad=np.asarray(no_grad, dtype=np.str_))
+  inp = _load_inputs(inputs_path)
+  model, _ = _small(family, inp, seed)
+  _save_checkpoint(model, ckpt_path)
+  loss, extra = _train_backward(model, inp)
+  _save_gradients(outputs_path, model, {"loss": loss, "extra": extra})
 
 
 def _real_lpips():
@@ -305,28 +339,19 @@ class _InjectedMask(torch.nn.Module):
 
 def lpips_grads(family, inputs_path, ckpt_path, outputs_path, seed="0"):
   """The rho > 0 training loss and its gradients, dropout injected."""
-  torch.manual_seed(int(seed))
-  gen = torch.Generator().manual_seed(int(seed) + 1)
-  inp = {k: torch.from_numpy(v) for k, v in np.load(inputs_path).items()}
+  inp = _load_inputs(inputs_path)
   real = _real_lpips()
   dd = sys.modules[GaussianDiffusion.__module__]
   # As the original builds it, but with a random trunk: no VGG download.
   patched = functools.partial(real.LPIPS, pnet_rand=True, verbose=False)
   dd.lpips = types.SimpleNamespace(LPIPS=patched)
-  model = build(
-    family,
-    dim=int(inp["dim"]),
-    context_channels=int(inp["context_channels"]),
-    lagrangian=float(inp["lagrangian"]),
-    aux_weight=float(inp["rho"]),
-  )
-  perturb(model, gen)
+  model, gen = _small(family, inp, seed, aux_weight=float(inp["rho"]))
   vgg = model.loss_fn_vgg
   with torch.no_grad():  # torchvision inits biases to 0: make them matter
     for name, p in vgg.net.named_parameters():
       if name.endswith("bias"):
         p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-  torch.save({"step": 1234, "model": model.state_dict()}, ckpt_path)
+  _save_checkpoint(model, ckpt_path)
 
   for i, lin in enumerate(vgg.lins):
     assert isinstance(lin.model[0], torch.nn.Dropout), lin.model
@@ -339,27 +364,13 @@ def lpips_grads(family, inputs_path, ckpt_path, outputs_path, seed="0"):
     preds.append(out)
 
   model.denoise_fn.register_forward_hook(keep_pred)
-  model.train()
-  model.zero_grad(set_to_none=True)
-  rates = [inp["rz"], inp["ry"]]
-  with Injected(inp["t"].long(), rates, [inp["eps"]]):
-    loss, extra = model(inp["images"])
+  loss, extra = _train_backward(model, inp)
   assert all(lin.model[0].used == len(inp["images"]) for lin in vgg.lins)
-  loss.backward()
-  extra.backward()
   out = {"loss": loss, "extra": extra, "aux": torch.cat(seen).mean()}
   (pred,) = preds
   out["pred"], out["grad_pred"] = pred, pred.grad
-  no_grad = []
-  for name, p in model.named_parameters():
-    if name.startswith("loss_fn_vgg."):
-      continue  # frozen LPIPS: not in the optimizer, not compared
-    if p.grad is None:
-      no_grad.append(name)
-      out[f"grad.{name}"] = torch.zeros_like(p)
-    else:
-      out[f"grad.{name}"] = p.grad
-  _save(outputs_path, out, no_grad=np.asarray(no_grad, dtype=np.str_))
+  # The frozen LPIPS (loss_fn_vgg.*) is not in the optimizer: not compared.
+  _save_gradients(outputs_path, model, out, skip="loss_fn_vgg.")
 
 
 def _save(path, tensors, **arrays):

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_training
+from loss_grads import probed_loss
 
 from cdc_jax import diffusion, losses, model_dir, sharding
 from cdc_jax.models import lpips as lp
-from cdc_jax.models.cdc import CDC, from_config
+from cdc_jax.models.cdc import from_config
 from cdc_jax.optim import make_optimizer
 from cdc_jax.testing import DIFFUSIONS, random_params, tiny_model
 from cdc_jax.train import TrainingError, validate_config
@@ -80,27 +80,10 @@ def x_setup():
   return _setup("x", [300, 5000])
 
 
-def _probed(params, probe, model, *args, **kwargs):
-  """loss_fn with ``probe`` added to the U-Net output (its gradient is
-  the gradient at the prediction); also returns the prediction."""
-  preds = []
-
-  def add_probe(next_fun, a, kw, context):
-    out = next_fun(*a, **kw)
-    if context.method_name == "denoise" and isinstance(context.module, CDC):
-      preds.append(out)
-      return out + probe
-    return out
-
-  with nn.intercept_methods(add_probe):
-    total, metrics = losses.loss_fn(params, model, *args, **kwargs)
-  return total, (metrics, preds[0])
-
-
 @functools.partial(jax.jit, static_argnums=2)
 def _grads(params, vgg, model, sched_arrays, x0, t, noise, rate_noise, lam):
   """Deterministic rho > 0: grads w.r.t. params and the prediction."""
-  f = functools.partial(_probed, rho=RHO, lpips_params=vgg)
+  f = functools.partial(probed_loss, rho=RHO, lpips_params=vgg)
   args = (model, sched_arrays, x0, t, noise, rate_noise, lam)
   grad = jax.grad(f, argnums=(0, 1), has_aux=True)
   return grad(params, jnp.zeros_like(x0), *args)

@@ -44,25 +44,23 @@ import importlib.util
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import loss_grads
 import numpy as np
 import pytest
-from test_parity import nhwc, run_reference, skip_reason
-from test_parity_grads import BATCH, DIM, LAGRANGIAN, SIDE, _make_inputs
+from loss_grads import BATCH, DIM, LAGRANGIAN, SIDE, TINY
+from test_parity import nhwc, skip_reason
 
-from cdc_jax import diffusion, losses, model_dir
+from cdc_jax import diffusion
 from cdc_jax.convert import infer, torch_checkpoint
 from cdc_jax.convert import lpips as lpips_convert
 from cdc_jax.models import lpips as lp
-from cdc_jax.models.cdc import CDC, from_config
 
 RHO = 0.9  # the released perceptual models (aux0.9lpips)
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-3  # global relative L2 of all parameter gradients
 PRED_RTOL = 1e-2  # relative L2 of the gradient at the U-Net output
-TINY = 1e-30
 
 
 def _skip_reason() -> str | None:
@@ -81,8 +79,9 @@ pytestmark = [
 
 
 def _inputs(family: str) -> dict:
-  """test_parity_grads' inputs plus rho and the LPIPS keep-masks (NCHW)."""
-  out = _make_inputs(family)
+  """test_parity_grads' inputs (``loss_grads.make_inputs``) plus rho and
+  the LPIPS keep-masks (NCHW)."""
+  out = loss_grads.make_inputs(family)
   rng = np.random.default_rng(7)
   out["rho"] = np.float64(RHO)
   for i, (h, w, c) in enumerate(lp.feature_shapes("vgg", SIDE, SIDE)):
@@ -91,43 +90,19 @@ def _inputs(family: str) -> dict:
   return out
 
 
-def _probed_loss(params, probe, model, *args, **kwargs):
-  """``losses.loss_fn`` with ``probe`` added to the U-Net output, so that
-  its gradient w.r.t. ``probe`` is the gradient at the prediction."""
-  preds = []
-
-  def add_probe(next_fun, a, kw, context):
-    out = next_fun(*a, **kw)
-    if context.method_name == "denoise" and isinstance(context.module, CDC):
-      preds.append(out)
-      return out + probe
-    return out
-
-  with nn.intercept_methods(add_probe):
-    total, metrics = losses.loss_fn(params, model, *args, **kwargs)
-  return total, (metrics, preds[0])
-
-
 def _ours(path: str, inputs: dict):
   """Our side: (torch-named parameter gradients, metrics, gradient at
   the prediction, prediction), all NHWC / numpy."""
-  loaded = model_dir.load(path)
-  model = from_config(loaded.model_config)
-  dcfg = loaded.diffusion_config
-  sched = diffusion.make_schedule(dcfg["schedule"], dcfg["timesteps"])
-  sched_arrays = losses.schedule_arrays(sched)
+  loaded, model, sched_arrays = loss_grads.converted(path)
   vgg = lpips_convert.load_params(
     os.path.join(path, torch_checkpoint.LPIPS_FILE), "vgg"
   )
-  half = np.float32(0.5)
-  rate_noise = tuple(jnp.asarray(nhwc(inputs[k]) - half) for k in ("rz", "ry"))
   masks = [jnp.asarray(nhwc(inputs[f"mask_{i}"])) for i in range(5)]
-  x0 = jnp.asarray(nhwc(inputs["images"]))
 
   @jax.jit
   def grad_fn(params, vgg, x0, t, noise, rate_noise, masks):
     f = functools.partial(
-      _probed_loss, rho=RHO, lpips_params=vgg, dropout_masks=masks
+      loss_grads.probed_loss, rho=RHO, lpips_params=vgg, dropout_masks=masks
     )
     lam = jnp.float32(LAGRANGIAN)
     args = (model, sched_arrays, x0, t, noise, rate_noise, lam)
@@ -137,18 +112,11 @@ def _ours(path: str, inputs: dict):
   (grads, g_pred), (metrics, pred) = grad_fn(
     jax.tree.map(jnp.asarray, loaded.params),
     jax.tree.map(jnp.asarray, vgg),
-    x0,
-    jnp.asarray(inputs["t"]),
-    jnp.asarray(nhwc(inputs["eps"])),
-    rate_noise,
+    *loss_grads.injected(inputs),
     masks,
   )
-  grads = jax.tree.map(np.asarray, grads)
-  state = torch_checkpoint.to_torch_state_dict(grads, loaded.model_config, dcfg)
-  named = {
-    k: v for k, v in state.items() if not k.startswith(infer.BUFFER_PREFIX)
-  }
   metrics = jax.tree.map(float, metrics)
+  named = loss_grads.torch_named(grads, loaded)
   return named, metrics, np.asarray(g_pred), np.asarray(pred)
 
 
@@ -158,13 +126,11 @@ def both(request, tmp_path_factory):
   family = request.param
   tmp = tmp_path_factory.mktemp(f"lpips_loss_{family}")
   inputs = _inputs(family)
+  path, conv, ref, t_ref = loss_grads.reference("lpips", family, tmp, inputs)
+  assert conv.lpips is not None
   t0 = time.perf_counter()
-  ckpt, ref = run_reference("lpips", family, tmp, inputs)
-  t_ref = time.perf_counter() - t0
-  conv, _ = torch_checkpoint.convert_file(ckpt, str(tmp / "model"))
-  assert conv.model_config["family"] == family and conv.lpips is not None
-  ours = _ours(str(tmp / "model"), inputs)
-  t_ours = time.perf_counter() - t0 - t_ref
+  ours = _ours(path, inputs)
+  t_ours = time.perf_counter() - t0
   print(
     f"\nLPIPS-loss parity {family} (dim {DIM}, {BATCH}x{SIDE}x{SIDE}, rho "
     f"{RHO}, t={inputs['t'].tolist()}): reference {t_ref:.1f} s, ours "
@@ -230,21 +196,7 @@ def test_gradient_at_the_prediction(both):
 
 def test_parameter_gradients(both):
   family, _, ref, (ours, _, _, _) = both
-  prefix = "grad."
-  theirs = {k[len(prefix) :]: v for k, v in ref.items() if k.startswith(prefix)}
-  assert set(ours) == set(theirs), (
-    f"only ours: {sorted(set(ours) - set(theirs))}; "
-    f"only the original's: {sorted(set(theirs) - set(ours))}"
-  )
-  assert list(ref["no_grad"]) == [], "torch left parameters without grad"
-  rows = []  # (relative error, name, max abs error, ||g_ref||)
-  for name, g_ref in theirs.items():
-    g = ours[name]
-    assert g.shape == g_ref.shape, (name, g.shape, g_ref.shape)
-    err = float(np.max(np.abs(g.astype(np.float64) - g_ref)))
-    norm = float(np.linalg.norm(g_ref.astype(np.float64)))
-    rows.append((err / max(norm, TINY), name, err, norm))
-  rows.sort(reverse=True)
+  theirs, rows = loss_grads.gradient_rows(ours, ref)
   names = sorted(theirs)
   g_all = np.concatenate([ours[k].ravel() for k in names]).astype(np.float64)
   r_all = np.concatenate([theirs[k].ravel() for k in names]).astype(np.float64)
@@ -256,10 +208,5 @@ def test_parameter_gradients(both):
   )
   for r, n, e, m in rows[:3]:
     print(f"  {r:.2e}  {n}  (max abs {e:.2e}, norm {m:.3g})")
-  nonzero_ours = {k for k, v in ours.items() if np.any(v != 0)}
-  nonzero_ref = {k for k, v in theirs.items() if np.any(v != 0)}
-  assert nonzero_ours == nonzero_ref, (
-    f"only ours: {sorted(nonzero_ours - nonzero_ref)}; "
-    f"only the original's: {sorted(nonzero_ref - nonzero_ours)}"
-  )
+  loss_grads.assert_same_nonzero(ours, theirs)
   assert err <= GRAD_RTOL, f"{family}: global rel L2 error {err:.3g}"

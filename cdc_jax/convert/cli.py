@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from cdc_jax import model_dir
+from cdc_jax import cli_errors, model_dir
 from cdc_jax.convert.errors import ConversionError
 from cdc_jax.convert.torch_checkpoint import LPIPS_FILE, convert_file
 
@@ -46,16 +45,13 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+@cli_errors.user_errors(PROG, ConversionError)
 def main(argv: list[str] | None = None) -> int:
   """CLI entry; returns the exit status (2 on a conversion error)."""
   args = parser().parse_args(argv)
-  try:
-    conv, fp = convert_file(
-      args.checkpoint, args.output_dir, args.family, args.ema
-    )
-  except ConversionError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+  conv, fp = convert_file(
+    args.checkpoint, args.output_dir, args.family, args.ema
+  )
   m, d = conv.model_config, conv.diffusion_config
   n = len(model_dir.flatten(conv.params))
   print(

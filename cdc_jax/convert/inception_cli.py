@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cdc_jax import cli_errors
 from cdc_jax.convert.inception import (
   WEIGHTS_URLS,
   InceptionWeightsError,
@@ -36,14 +37,11 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+@cli_errors.user_errors(PROG, InceptionWeightsError)
 def main(argv: list[str] | None = None) -> int:
   """CLI entry; returns the exit status (2 on a weights error)."""
   args = parser().parse_args(argv)
-  try:
-    n = convert_file(args.source, args.output)
-  except InceptionWeightsError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+  n = convert_file(args.source, args.output)
   print(f"InceptionV3 (FID): {n:,} values -> {args.output}")
   return 0
 

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from cdc_jax import model_dir
+from cdc_jax import cli_errors, model_dir
 from cdc_jax.convert.errors import ConversionError
 from cdc_jax.convert.lpips import (
   TORCHVISION_FILES,
@@ -50,18 +50,14 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+@cli_errors.user_errors(PROG, ConversionError)
 def main(argv: list[str] | None = None) -> int:
   """CLI entry; returns the exit status (2 on a weights error)."""
   args = parser().parse_args(argv)
-  try:
-    params = params_from_torch(args.backbone, args.net, args.lins)
-  except ConversionError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+  params = params_from_torch(args.backbone, args.net, args.lins)
   out_dir = os.path.dirname(os.path.abspath(args.output))
   if not os.path.isdir(out_dir):
-    print(f"{PROG}: error: {out_dir}: no such directory", file=sys.stderr)
-    return 2
+    return cli_errors.report(PROG, f"{out_dir}: no such directory")
   save_params(args.output, params)
   n = sum(v.size for v in model_dir.flatten(params).values())
   print(f"LPIPS-{args.net}: {n:,} parameters -> {args.output}")
