@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cdc_jax import codec, testing
+from cdc_jax.codec.many import decompress_many
 from cdc_jax.coding import container, range_coder
 from cdc_jax.coding import tables as coding_tables
 from cdc_jax.imageio import to_float
@@ -173,7 +174,7 @@ def batch_and_alone(request):
   # A file of another size in the middle: a group of its own, order kept.
   small = testing.photo("astronaut", (50, 60))
   blobs.insert(1, codec.compress(cm, small, steps=steps))
-  batch = codec.decompress_many(cm, blobs)
+  batch = decompress_many(cm, blobs)
   alone = [codec.decompress(cm, b) for b in blobs]
   return batch, alone
 
@@ -279,7 +280,7 @@ def test_decompress_rejects_an_extreme_gamma(eps_cm, small_file):
   with pytest.raises(codec.CodecError, match=r"gamma 3e\+38 is outside"):
     codec.decompress(eps_cm, blob)
   with pytest.raises(codec.CodecError, match=r"gamma 3e\+38 is outside"):
-    codec.decompress_many(eps_cm, [small_file, blob])
+    decompress_many(eps_cm, [small_file, blob])
 
 
 # Header fields the fuzzer edits (all of them) with a valid CRC; "size" sets

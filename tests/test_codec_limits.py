@@ -23,6 +23,7 @@ import pytest
 
 from cdc_jax import codec, sample, testing
 from cdc_jax.codec import cli, limits
+from cdc_jax.codec.many import decompress_many
 from cdc_jax.coding import container
 
 STEPS = 2
@@ -75,7 +76,7 @@ def _passes_limits(guarded_cm, blob, many=False, **kw) -> bool:
   a limit's CodecError propagates."""
   try:
     if many:
-      codec.decompress_many(guarded_cm, [blob], **kw)
+      decompress_many(guarded_cm, [blob], **kw)
     else:
       codec.decompress(guarded_cm, blob, **kw)
   except AssertionError as e:
@@ -252,7 +253,7 @@ def test_default_memory_budget_is_the_available_memory(guarded, small_file):
 def test_decompress_many_checks_every_file_first(guarded, small_file):
   bad = _craft(small_file, steps=5000)
   with pytest.raises(codec.CodecError, match="5000 decode steps"):
-    codec.decompress_many(guarded, [small_file, small_file, bad])
+    decompress_many(guarded, [small_file, small_file, bad])
 
 
 # -- the encoder ---------------------------------------------------------------
@@ -350,7 +351,7 @@ def test_decompress_many_splits_batches_to_fit_the_budget(cm, small_file):
   each = limits.decode_memory(cm.model, 50, 60) - limits.FIXED
   budget = limits.FIXED + 2.5 * each  # two images per batch fit, not three
   calls = []
-  out = codec.decompress_many(
+  out = decompress_many(
     counting,
     blobs,
     max_memory=budget,

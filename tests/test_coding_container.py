@@ -60,7 +60,7 @@ def _refresh_crc(body):
 def test_pack_unpack_roundtrip():
   data, streams = _valid_file()
   assert data[:4] == container.MAGIC == b"CDCJ"
-  assert data[4] == container.FORMAT_VERSION == 1
+  assert data[4] == container.UNTILED_VERSION == 1  # v2: tiled files
   assert len(data) == _FIXED + 4 * 3 + 40 + 0 + len(streams[2]) * 4 + 4
   header, back = container.unpack(data)
   assert header == _header()

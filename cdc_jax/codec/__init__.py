@@ -9,13 +9,16 @@ Encoding, one image at a time so a file never depends on its batch::
                                       smallest table scale >= sigma
 
 Decoding: z_sym -> (mu, sigma) -> y_sym -> y_hat = y_sym + mu -> context
-g_s(y_hat) -> DDIM from x_T = gamma * N(0, I; seed) -> crop -> uint8.
+g_s(y_hat) -> DDIM from x_T = gamma * N(0, I; seed) -> crop -> uint8,
+whole-image or, when the header records a tile layout (format v2), in
+tiles of bounded memory (``codec.tiling``).
 
 ``load`` reads a model directory or a training workdir
 (``cdc_jax.model_dir.load``); ``compress`` / ``decompress`` are the file
-API, ``encode_latents`` / ``entropy_encode`` / ``decode_latents`` the
-steps in between. A header's steps, size, gamma and memory estimate are
-checked against ``codec.limits`` before anything is decoded.
+API (``codec.many.decompress_many`` decodes files in batches),
+``encode_latents`` / ``entropy_encode`` / ``decode_latents`` the steps in
+between. A header's steps, size, gamma, tile layout and memory estimate
+are checked against ``codec.limits`` before anything is decoded.
 """
 
 from __future__ import annotations
@@ -25,14 +28,13 @@ import functools
 import hashlib
 import math
 import os
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cdc_jax import diffusion, entropy_tables, model_dir
-from cdc_jax.codec import limits
+from cdc_jax.codec import limits, tiled_analysis, tiling
 from cdc_jax.codec.errors import CodecError
 from cdc_jax.codec.limits import (  # noqa: F401 (the API re-exports them)
   DEFAULT_MAX_PIXELS,
@@ -176,9 +178,14 @@ class Latents:
   estimated_bits: float  # the model's -log2 likelihood of the symbols
 
 
-def encode_latents(cm: CodecModel, x) -> Latents:
-  """x [1, H, W, 3] in [-1, 1] (padded) -> symbols: g_a, h_a, Q, h_s, Q."""
-  y, z_sym = cm.analyze(cm.params, x)
+def encode_latents(cm: CodecModel, x, tile=None) -> Latents:
+  """x [1, H, W, 3] in [-1, 1] (padded) -> symbols: g_a, h_a, Q, h_s, Q.
+  With ``tile`` (core height, width in pixels) g_a runs in tiles of
+  bounded memory (``codec.tiled_analysis``), the rest on the whole y."""
+  if tile is None:
+    y, z_sym = cm.analyze(cm.params, jnp.asarray(x))
+  else:
+    y, z_sym = tiled_analysis.analyze(cm, x, tile)
   mu, sigma = cm.hyper(cm.params, z_sym)
   y_sym = cm.y_symbols(y, offset=mu)
   bits = cm.estimate_bits(cm.params, z_sym, y_sym, mu, sigma)
@@ -224,6 +231,8 @@ class Compressed:
   estimated_bits: float
   height: int
   width: int
+  layout: tiling.Layout | None = None  # the tile layout, None: whole
+  analysis_tile: tuple[int, int] | None = None  # the encoder's g_a tiles
 
   @property
   def bpp(self) -> float:
@@ -243,15 +252,25 @@ def compress_image(
   seed: int = 0,
   max_steps: int = DEFAULT_MAX_STEPS,
   max_pixels: int = DEFAULT_MAX_PIXELS,
+  tile=None,
+  tile_overlap: int | None = None,
+  max_memory: float | None = None,
 ) -> Compressed:
   """uint8 [H, W, 3] -> Compressed (the file bytes and the estimate).
 
   Steps, gamma and size must be within the decoder's limits
   (``codec.limits``): the file records them, and ``decompress`` with the
-  same ``max_steps`` / ``max_pixels`` accepts it.
+  same ``max_steps`` / ``max_pixels`` accepts it. ``tile`` (pixels: N or
+  (height, width), multiples of the model's downsampling factor; or
+  ``"auto"``: tiles only if a whole-image decode would not fit
+  ``max_memory``) and ``tile_overlap`` record a tile layout for a
+  bounded-memory decode (``codec.tiling.plan``); None decodes whole.
+  The encoder's g_a runs in tiles (``codec.tiled_analysis``) when the
+  file is tiled or a whole-image g_a would not fit ``max_memory``.
   """
   h, w = limits.check_image(img, Limits(max_steps, max_pixels).max_pixels)
   steps = DEFAULT_STEPS[cm.family] if steps is None else steps
+  layout = tiling.plan(cm.model, h, w, tile, tile_overlap, max_memory)
   header = container.Header(
     fingerprint=cm.fingerprint,
     height=h,
@@ -260,11 +279,13 @@ def compress_image(
     steps=limits.check_steps(steps, cm.schedule.timesteps, max_steps),
     gamma=limits.check_gamma(gamma),
     seed=limits.check_seed(seed),
+    **(layout.header_fields() if layout else {}),
   )
+  at = tiled_analysis.analysis_tile(cm.model, h, w, bool(layout), max_memory)
   x = to_float(pad_image(img, cm.downsampling_factor))[None]
-  latents = encode_latents(cm, jnp.asarray(x))
+  latents = encode_latents(cm, x, at)
   blob = container.pack(header, [entropy_encode(cm, latents)])
-  return Compressed(blob, latents.estimated_bits, h, w)
+  return Compressed(blob, latents.estimated_bits, h, w, layout, at)
 
 
 def compress(cm: CodecModel, img: np.ndarray, **kw) -> bytes:
@@ -285,81 +306,24 @@ def decompress(
 
   The header must be within the limits (``codec.limits``): decode steps
   <= ``max_steps`` and the model's T, pixels <= ``max_pixels``, gamma in
-  [0, 4], and the estimated memory of the decode <= ``max_memory`` bytes
-  (None: the memory available now; ``math.inf``: no check); else a
-  CodecError, raised before anything is decoded. ``progress(done, total)``
-  is called on the host as the steps run (``cdc_jax.sample``); an
+  [0, 4], a tile layout the model can decode, and the estimated memory
+  of the decode (per tile for a tiled file) <= ``max_memory`` bytes (None:
+  the memory available now; ``math.inf``: no check); else a CodecError,
+  raised before anything is decoded. ``progress(done, total)`` is called
+  on the host as the steps run (``cdc_jax.sample``, ``codec.tiling``); an
   exception it raises stops the decode.
   """
   lim = Limits(max_steps, max_pixels, max_memory)
   header, stream = parse(cm, blob, lim)
-  limits.images_per_batch(cm.model, header.height, header.width, 1, lim)
-  return _decode_batch(cm, [(header, stream)], progress)[0]
+  h, w, layout = header.height, header.width, tiling.Layout.of(header)
+  limits.images_per_batch(cm.model, h, w, 1, lim, tiling.tile_of(header))
+  y_hat = decode_latents(cm, header, stream)
+  x_init = initial_noise(header.seed, noise_shape(cm, header), header.gamma)
+  x = tiling.run(cm, y_hat, x_init, header.steps, layout, progress)
+  return to_image(np.asarray(x)[0], header)
 
 
-def decompress_many(
-  cm: CodecModel,
-  blobs: Sequence[bytes],
-  *,
-  max_steps: int = DEFAULT_MAX_STEPS,
-  max_pixels: int = DEFAULT_MAX_PIXELS,
-  max_memory: float | None = None,
-  progress=None,
-) -> list:
-  """Decodes files; files of one size and step count share a batch, as
-  many as the memory budget allows (limits and ``progress`` as in
-  ``decompress``; every file is checked before any is decoded; progress
-  counts the steps of all batches).
-
-  Faster than one by one on accelerators, but not bit-exact with
-  ``decompress``: XLA may round a batch differently, so a pixel can differ
-  by one level. ``decompress`` of one file is the reference, reproducible
-  bit for bit on one platform.
-  """
-  lim = Limits(max_steps, max_pixels, max_memory)
-  parsed = [parse(cm, b, lim) for b in blobs]
-  groups: dict = {}
-  for i, (hdr, _) in enumerate(parsed):
-    key = (_noise_shape(cm, hdr), hdr.steps)
-    groups.setdefault(key, []).append(i)
-  batches = []
-  for members in groups.values():
-    hdr = parsed[members[0]][0]
-    n = limits.images_per_batch(
-      cm.model, hdr.height, hdr.width, len(members), lim
-    )
-    batches += [members[k : k + n] for k in range(0, len(members), n)]
-  total = sum(parsed[m[0]][0].steps for m in batches)
-  out: list = [None] * len(blobs)
-  done = 0
-  for members in batches:
-    report = None
-    if progress is not None:
-      report = functools.partial(_offset, progress, done, total)
-    images = _decode_batch(cm, [parsed[i] for i in members], report)
-    for i, img in zip(members, images, strict=True):
-      out[i] = img
-    done += parsed[members[0]][0].steps
-  return out
-
-
-def _offset(progress, before: int, total: int, done: int, _):
-  progress(before + done, total)
-
-
-def _decode_batch(cm: CodecModel, parsed: list, progress) -> list:
-  """(header, stream) pairs of one padded size and step count -> images."""
-  shape, steps = _noise_shape(cm, parsed[0][0]), parsed[0][0].steps
-  y_hat = jnp.concatenate([decode_latents(cm, *p) for p in parsed])
-  x_init = jnp.concatenate(
-    [initial_noise(h.seed, shape, h.gamma) for h, _ in parsed]
-  )
-  x = cm.sampler.decode_latent(cm.params, y_hat, x_init, steps, progress)
-  x = np.asarray(x)
-  return [_to_image(x[j], h) for j, (h, _) in enumerate(parsed)]
-
-
-def _to_image(x: np.ndarray, header: container.Header) -> np.ndarray:
+def to_image(x: np.ndarray, header: container.Header) -> np.ndarray:
   """Decoded floats [Hp, Wp, 3] -> the uint8 image, cropped. A decode that
   is not finite (e.g. a crafted header's gamma of 3e38 overflows x_T) is an
   error, not a black image."""
@@ -390,10 +354,10 @@ def parse(
     )
   if header.family != FAMILY_IDS[cm.family] or len(streams) != 1:
     raise CodecError("the file's header does not match the model")
-  limits.check_header(header, cm.schedule.timesteps, lim or Limits())
+  limits.check_header(header, cm.schedule.timesteps, lim or Limits(), cm.model)
   return header, streams[0]
 
 
-def _noise_shape(cm: CodecModel, header: container.Header):
+def noise_shape(cm: CodecModel, header: container.Header):
   hp, wp = padded_size(header.height, header.width, cm.downsampling_factor)
   return (1, hp, wp, cm.model.channels)

@@ -1,7 +1,8 @@
 """The codec's command line: ``python -m cdc_jax.codec {compress,decompress}``.
 
   python -m cdc_jax.codec compress --model M INPUT_IMAGE OUTPUT.cdcj \
-      [--steps S] [--gamma G] [--seed N] [--max-steps N] [--max-pixels N]
+      [--steps S] [--gamma G] [--seed N] [--max-steps N] [--max-pixels N] \
+      [--tile {N,auto} [--tile-overlap N] [--max-memory SIZE]]
   python -m cdc_jax.codec decompress --model M INPUT.cdcj OUTPUT.png \
       [--max-steps N] [--max-pixels N] [--max-memory SIZE] [--progress]
 
@@ -10,7 +11,9 @@ released PyTorch weights) or a training workdir (its latest checkpoint,
 EMA params where present). Every user error is one line on stderr and exit
 status 2; outputs are written atomically. A decode shows a progress bar
 (steps, s/step, ETA) on a terminal; the limits a file's header must meet
-are in ``cdc_jax.codec.limits``.
+are in ``cdc_jax.codec.limits``. ``--tile`` writes a file that decodes in
+tiles of bounded memory (``cdc_jax.codec.tiling``); ``--tile auto`` does so
+only when a whole-image decode would not fit the memory budget.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from cdc_jax import codec
+from cdc_jax import codec, compile_cache
 from cdc_jax.codec import limits
 from cdc_jax.imageio import (
   ImageError,
@@ -103,6 +106,42 @@ def _positive(text: str) -> int:
   return value
 
 
+def _tile(text: str):
+  if text == "auto":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"not a tile size: {text!r} (pixels, e.g. 512, or 'auto')"
+    ) from None
+
+
+def _add_tiling(p: argparse.ArgumentParser):
+  p.add_argument(
+    "--tile",
+    type=_tile,
+    default=None,
+    help="decode in N x N pixel tiles (a multiple of the model's 64) of "
+    "bounded memory, or 'auto': tiles only if a whole-image decode would "
+    "not fit --max-memory (default: decode whole)",
+  )
+  p.add_argument(
+    "--tile-overlap",
+    type=int,
+    default=None,
+    help="pixels neighbouring tiles share at least (a multiple of 16, at "
+    "most half a tile; default min(128, N/2))",
+  )
+  p.add_argument(
+    "--max-memory",
+    type=_size,
+    default=None,
+    help="the decoder's memory budget --tile auto plans for, e.g. 16G "
+    "(default: the memory available now)",
+  )
+
+
 def _add_limits(p: argparse.ArgumentParser, decoding: bool):
   what = "a file may ask for" if decoding else "to allow (decoding needs it)"
   p.add_argument(
@@ -174,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     help="seed of the initial decode noise (default 0)",
   )
   _add_limits(c, decoding=False)
+  _add_tiling(c)
+  compile_cache.add_flag(c)
   d = sub.add_parser(
     "decompress",
     help=".cdcj file -> PNG",
@@ -186,11 +227,13 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument("input", help="input .cdcj file")
   d.add_argument("output", help="output PNG")
   _add_limits(d, decoding=True)
+  compile_cache.add_flag(d)
   return p
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  compile_cache.enable(disabled=args.no_compile_cache)
   try:
     cm = codec.load(args.model)
     if args.cmd == "compress":
@@ -203,10 +246,16 @@ def main(argv=None) -> int:
         seed=args.seed,
         max_steps=args.max_steps,
         max_pixels=args.max_pixels,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        max_memory=args.max_memory,
       )
+      lay = res.layout
+      tiles = lay and f", {lay.tile_width}x{lay.tile_height} tiles"
       print(
         f"{args.output}: {len(res.data)} bytes, {res.height}x{res.width}, "
         f"{res.bpp:.4f} bpp (model estimate {res.estimated_bpp:.4f} bpp)"
+        f"{tiles or ''}"
       )
     else:
       bar = ProgressBar(args.progress)

@@ -16,16 +16,23 @@ limit and what raises it (CLI flag, ``decompress`` keyword):
   accelerators and of decoders that do not hold the image whole. The
   format's own caps are 32,768 per side and 2^28 pixels;
 * gamma in [0, 4] (x_T = gamma * N(0, I); 0.8 by default);
-* memory: the estimated peak of a whole-image decode on CPU <=
-  ``max_memory`` (default: the memory available now on the CPU backend,
-  no check on accelerators; ``--max-memory``).
+* memory: the estimated peak of the decode on CPU <= ``max_memory``
+  (default: the memory available now on the CPU backend, no check on
+  accelerators; ``--max-memory``); a tiled file is estimated per tile;
+* a tiled file's layout (``check_tile``): tile sides multiples of the
+  model's downsampling factor (64) up to ``MAX_SIDE``, the overlap a
+  multiple of the latent grid (16) and at most half a tile side, so the
+  tiles' work is at most about 9 times (4 typically) a whole-image decode's.
 
 The encoder refuses steps, gamma and sizes outside the same limits, so it
 never writes a file that a decoder with the same limits refuses.
 
 The memory estimate is ``fixed + batch * padded pixels * bytes/pixel``,
 fitted to the peak RSS of decodes on CPU (``benchmarks/decode_memory.py``;
-numbers in the constants below).
+numbers in the constants below). A tiled decode (``codec.tiling``) holds
+one tile's U-Net activations plus whole-image arrays (x_t, the blend
+accumulator, the context maps): ``fixed + tile pixels * bytes/pixel +
+padded pixels * whole-image bytes/pixel``.
 """
 
 from __future__ import annotations
@@ -95,8 +102,9 @@ def check_size(h: int, w: int, max_pixels: int | None = None):
     )
 
 
-def check_header(header, timesteps: int, limits: Limits):
-  """Steps, gamma and size of a parsed header against ``limits``."""
+def check_header(header, timesteps: int, limits: Limits, model=None):
+  """Steps, gamma, size and (given the model) tile layout of a parsed
+  header against ``limits``."""
   s = header.steps
   if s < 1:
     raise CodecError("invalid header: 0 decode steps")
@@ -119,6 +127,36 @@ def check_header(header, timesteps: int, limits: Limits):
       "raises this limit: the file is damaged or was not made by cdc_jax)"
     )
   check_size(header.height, header.width, limits.max_pixels)
+  if model is not None and header.tile_height:
+    tile = (header.tile_height, header.tile_width, header.tile_overlap)
+    problem = tile_problem(model, *tile)
+    if problem:
+      raise CodecError(
+        f"the header's tile layout ({_fmt_tile(*tile)}) is invalid: "
+        f"{problem} (no flag raises this limit: the file is damaged or was "
+        "not made for this model)"
+      )
+
+
+def tile_problem(model, height: int, width: int, overlap: int) -> str:
+  """What is wrong with a tile layout for ``model`` ('' if nothing)."""
+  f, fy = model.downsampling_factor, model.y_factor
+  for side in (height, width):
+    if side < f or side % f or side > MAX_SIDE:
+      return (
+        f"tile sides must be multiples of {f} from {f} to {MAX_SIDE}, "
+        f"got {side}"
+      )
+  if overlap % fy or overlap > min(height, width) // 2:
+    return (
+      f"the overlap must be a multiple of {fy} and at most half a tile "
+      f"side ({min(height, width) // 2}), got {overlap}"
+    )
+  return ""
+
+
+def _fmt_tile(height: int, width: int, overlap: int) -> str:
+  return f"{width}x{height} tiles, overlap {overlap}"
 
 
 # -- the encoder's settings ----------------------------------------------------
@@ -188,6 +226,20 @@ PER_PIXEL_WIDTH = 58.0  # bytes/pixel per channel of U-Net width
 PER_PIXEL_CONTEXT = 5.0  # bytes/pixel per context channel
 PER_PIXEL_BASE = 64.0  # bytes/pixel
 FIXED = 400_000_000  # bytes: compiling the decode, the entropy decoder
+# A tiled decode's whole-image arrays besides the context maps, in floats
+# per padded pixel and image channel: x_T, x_t, the blend accumulator, the
+# next x_t, the host copy, and y_hat, mu, sigma and the symbols (1/256 of
+# the pixels times 256 channels). A tiled decode compiles more programs
+# (the U-Net, g_s, slicing and blending), so its fixed part is larger.
+# Peaks above the loaded model (benchmarks/decode_tiled.py, full eps, S =
+# 2, random weights) against this estimate:
+#   768x512 in 256x256 tiles (overlap 64)      0.77 GB   estimate 0.83 GB
+#   768x512 in 512x512 tiles (overlap 128)     1.48 GB            1.58 GB
+#   3840x2160 in 1024x1024 tiles (overlap 128) 5.28 GB            6.28 GB
+#   3840x2160 in 896x1152 tiles (overlap 128)  5.53 GB            6.22 GB
+# (the same fit gives 0.40 to 0.44 GB for the fixed part of the first two).
+WHOLE_IMAGE_FLOATS = 8.0
+FIXED_TILED = 500_000_000  # bytes
 
 
 def bytes_per_pixel(model) -> float:
@@ -198,12 +250,44 @@ def bytes_per_pixel(model) -> float:
   return f32 * np.dtype(model.dtype).itemsize / 4
 
 
-def decode_memory(model, height: int, width: int, batch: int = 1) -> float:
+def context_floats(model) -> float:
+  """Floats per image pixel of g_s's context maps (c0 at H ... c3 at H/8),
+  which a tiled decode holds for the whole image."""
+  d = model.dim
+  if model.reverse_context_dim_mults is None:  # eps: mirrors the encoder
+    widths = [d * m for m in reversed(model.context_dim_mults[:-1])]
+  else:
+    widths = [d * m for m in model.reverse_context_dim_mults[1:]]
+  widths.append(model.context_channels)  # finest last
+  n = len(widths)
+  return float(sum(c / 4 ** (n - 1 - i) for i, c in enumerate(widths)))
+
+
+def whole_image_bytes(model) -> float:
+  """A tiled decode's memory per padded pixel of the whole image."""
+  ctx = context_floats(model) * np.dtype(model.dtype).itemsize
+  return ctx + 4.0 * WHOLE_IMAGE_FLOATS * model.channels
+
+
+def decode_memory(
+  model, height: int, width: int, batch: int = 1, tile=None
+) -> float:
   """Estimated peak memory (bytes) of decoding ``batch`` images of
-  ``height`` x ``width`` at once, whole (padded to the model's factor)."""
+  ``height`` x ``width`` at once (padded to the model's factor): whole,
+  or in tiles of ``tile = (tile height, tile width)`` pixels."""
   f = model.downsampling_factor
-  pixels = math.ceil(height / f) * f * math.ceil(width / f) * f
-  return FIXED + batch * pixels * bytes_per_pixel(model)
+  hp, wp = math.ceil(height / f) * f, math.ceil(width / f) * f
+  if tile is None:
+    return FIXED + batch * hp * wp * bytes_per_pixel(model)
+  th, tw = min(tile[0], hp), min(tile[1], wp)
+  per_image = th * tw * bytes_per_pixel(model)
+  per_image += hp * wp * whole_image_bytes(model)
+  return FIXED_TILED + batch * per_image
+
+
+def fixed_memory(tile=None) -> float:
+  """The part of ``decode_memory`` that does not grow with the batch."""
+  return FIXED if tile is None else FIXED_TILED
 
 
 def available_memory() -> int | None:
@@ -237,28 +321,58 @@ def fmt_bytes(n: float) -> str:
   return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-def images_per_batch(model, height, width, n: int, limits: Limits) -> int:
-  """How many of ``n`` images of this size one batch may decode within the
-  memory budget (at least 1); raises CodecError if not even one fits."""
-  budget, what = limits.max_memory, "the budget"
-  if budget is None and jax.default_backend() == "cpu":
+def memory_budget(max_memory) -> tuple[float | None, str]:
+  """(bytes or None for no check, what it is) for a ``max_memory``."""
+  if max_memory is None and jax.default_backend() == "cpu":
     # Measured on CPU; on accelerators only an explicit budget is checked.
-    budget, what = available_memory(), "the memory available"
-  if budget is None or math.isinf(budget):
+    return available_memory(), "the memory available"
+  if max_memory is None or math.isinf(max_memory):
+    return None, "no budget"
+  return float(max_memory), "the budget"
+
+
+def images_per_batch(
+  model, height, width, n: int, limits: Limits, tile=None
+) -> int:
+  """How many of ``n`` images of this size (decoded whole, or in tiles of
+  ``tile = (tile height, tile width)``) one batch may decode within the
+  memory budget (at least 1); raises CodecError if not even one fits."""
+  budget, what = memory_budget(limits.max_memory)
+  if budget is None:
     return n
-  need = decode_memory(model, height, width)
+  need = decode_memory(model, height, width, tile=tile)
   if need > budget:
-    per_px = bytes_per_pixel(model)
+    raise CodecError(_too_big(model, height, width, tile, need, budget, what))
+  fixed = fixed_memory(tile)
+  each = max(need - fixed, 1.0)
+  return int(max(1, min(n, (budget - fixed) // each)))
+
+
+def _too_big(model, height, width, tile, need, budget, what) -> str:
+  per_px = bytes_per_pixel(model)
+  if tile is None:
     pixels = (need - FIXED) / per_px
-    raise CodecError(
+    how = (
       f"decoding {width}x{height} whole needs about {fmt_bytes(need)} "
       f"(estimated {fmt_bytes(FIXED)} + {per_px:,.0f} bytes/pixel x "
-      f"{pixels:,.0f} padded pixels), more than {what} "
-      f"({fmt_bytes(budget)}; set the budget with --max-memory, or "
-      "max_memory= in the API)"
+      f"{pixels:,.0f} padded pixels)"
     )
-  each = max(need - FIXED, 1.0)
-  return int(max(1, min(n, (budget - FIXED) // each)))
+    fix = (
+      "; or re-encode the image with --tile auto (or --tile N; tile= in "
+      "the API) to decode it in tiles"
+    )
+  else:
+    how = (
+      f"decoding {width}x{height} in {tile[1]}x{tile[0]} tiles needs about "
+      f"{fmt_bytes(need)} (estimated {fmt_bytes(FIXED_TILED)} + "
+      f"{per_px:,.0f} bytes/pixel of a tile + "
+      f"{whole_image_bytes(model):,.0f} bytes/pixel of the image)"
+    )
+    fix = "; or re-encode the image with smaller tiles (--tile N)"
+  return (
+    f"{how}, more than {what} ({fmt_bytes(budget)}; set the budget with "
+    f"--max-memory, or max_memory= in the API{fix})"
+  )
 
 
 def parse_size(text: str) -> float:

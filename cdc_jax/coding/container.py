@@ -4,6 +4,12 @@ Numpy only; see docs/bitstream.md for the byte layout. ``unpack`` checks,
 in order, the magic, the format version, the length, the CRC32, then the
 stream table and the header fields, so a damaged file fails with a
 specific ``BitstreamError`` before anything is decoded.
+
+Two versions: v1 (whole-image decoding) and v2, which adds a tile layout
+(tile height, width and overlap in pixels) after the v1 fields. ``pack``
+writes the oldest version that can hold the header, so untiled files are
+byte for byte what v1 wrote, and a v1-only reader refuses a tiled file
+("made by a newer cdc_jax") instead of decoding it another way.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from cdc_jax.coding.errors import BitstreamError
 from cdc_jax.coding.range_coder import words_to_bytes
 
 MAGIC = b"CDCJ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this module reads and writes
+UNTILED_VERSION = 1  # what an untiled file is written as
 FAMILY_EPS = 0
 FAMILY_X = 1
 SAMPLER_DDIM = 0  # DDIM, eta = 0
@@ -30,6 +37,7 @@ _PREFIX = struct.Struct("<4sB")  # magic, version
 # sampler, flags, number of streams
 _FIELDS = struct.Struct("<I16sIIBHfQBBB")
 _FIXED = _PREFIX.size + _FIELDS.size
+_TILE = struct.Struct("<HHH")  # v2: tile height, width, overlap (pixels)
 _CRC = struct.Struct("<I")
 _MAX_STREAMS = 255
 
@@ -38,7 +46,11 @@ _MAX_STREAMS = 255
 class Header:
   """Per-image metadata stored in front of the range-coded streams.
 
-  gamma is stored as float32; ``flags`` is reserved (0 in format v1).
+  gamma is stored as float32; ``flags`` is reserved (0, ignored). A tile
+  layout (``tile_height`` x ``tile_width`` pixels, tiles overlapping by at
+  least ``tile_overlap``; all 0 for a whole-image decode) makes a v2 file.
+  Which layouts a model can decode is the codec's business
+  (``cdc_jax.codec.limits.check_tile``); here they only have to fit u16.
   """
 
   fingerprint: bytes
@@ -50,6 +62,9 @@ class Header:
   seed: int = 0
   sampler: int = SAMPLER_DDIM
   flags: int = 0
+  tile_height: int = 0
+  tile_width: int = 0
+  tile_overlap: int = 0
 
   def __post_init__(self):
     if not isinstance(self.fingerprint, bytes) or len(self.fingerprint) != 16:
@@ -60,6 +75,9 @@ class Header:
       ("steps", 0, 2**16 - 1),
       ("seed", 0, 2**64 - 1),
       ("flags", 0, 255),
+      ("tile_height", 0, 2**16 - 1),
+      ("tile_width", 0, 2**16 - 1),
+      ("tile_overlap", 0, 2**16 - 1),
     ):
       v = getattr(self, name)
       if not isinstance(v, int | np.integer) or not lo <= v <= hi:
@@ -69,6 +87,13 @@ class Header:
       raise ValueError(f"unknown family id {self.family!r} (0 eps, 1 x)")
     if self.sampler != SAMPLER_DDIM:
       raise ValueError(f"unknown sampler id {self.sampler!r} (0 ddim)")
+    if (self.tile_height == 0) != (self.tile_width == 0) or (
+      self.tile_overlap and not self.tile_height
+    ):
+      raise ValueError(
+        "a tile layout needs a tile height and width (or all three 0), got "
+        f"{self.tile_height}x{self.tile_width}, overlap {self.tile_overlap}"
+      )
     object.__setattr__(self, "family", int(self.family))
     object.__setattr__(self, "sampler", int(self.sampler))
     g = float(self.gamma)
@@ -81,7 +106,8 @@ class Header:
 
 
 def pack(header: Header, streams: Sequence) -> bytes:
-  """Serializes the header and streams (bytes or np.uint32 words)."""
+  """Serializes the header and streams (bytes or np.uint32 words): v1
+  without a tile layout, v2 with one."""
   if not isinstance(header, Header):
     header = Header(**dict(header))
   blobs = [
@@ -92,12 +118,15 @@ def pack(header: Header, streams: Sequence) -> bytes:
     raise ValueError(f"at most {_MAX_STREAMS} streams per file")
   if any(len(b) > 2**32 - 1 for b in blobs):
     raise ValueError("a stream is longer than 4 GiB")
-  total = _FIXED + 4 * len(blobs) + sum(map(len, blobs)) + _CRC.size
+  version = FORMAT_VERSION if header.tile_height else UNTILED_VERSION
+  fixed = _fixed_size(version)
+  total = fixed + 4 * len(blobs) + sum(map(len, blobs)) + _CRC.size
   if total > 2**32 - 1:
     raise ValueError("file would exceed 4 GiB")
+  tile = (header.tile_height, header.tile_width, header.tile_overlap)
   body = b"".join(
     [
-      _PREFIX.pack(MAGIC, FORMAT_VERSION),
+      _PREFIX.pack(MAGIC, version),
       _FIELDS.pack(
         total,
         header.fingerprint,
@@ -111,11 +140,17 @@ def pack(header: Header, streams: Sequence) -> bytes:
         header.flags,
         len(blobs),
       ),
+      _TILE.pack(*tile) if version >= 2 else b"",
       struct.pack(f"<{len(blobs)}I", *map(len, blobs)),
       *blobs,
     ]
   )
   return body + _CRC.pack(zlib.crc32(body))
+
+
+def _fixed_size(version: int) -> int:
+  """Bytes before the stream table in a file of ``version``."""
+  return _FIXED + (_TILE.size if version >= 2 else 0)
 
 
 def unpack(data) -> tuple[Header, list[bytes]]:
@@ -128,17 +163,22 @@ def unpack(data) -> tuple[Header, list[bytes]]:
     data = memoryview(data).tobytes()  # bytes-like only (never bytes(int))
   except TypeError as e:
     raise BitstreamError(f"expected bytes, got {type(data).__name__}") from e
-  fields = _check_envelope(data)
-  streams = _split_streams(data, fields[-1])
+  version, fields = _check_envelope(data)
+  fixed = _fixed_size(version)
+  streams = _split_streams(data, fields[-1], fixed)
+  tile = _TILE.unpack_from(data, _FIXED) if version >= 2 else ()
+  if version >= 2 and tile[0] == 0:
+    raise BitstreamError("invalid header: a v2 file without a tile layout")
   try:
-    header = Header(*fields[1:-1])
+    header = Header(*fields[1:-1], *tile)
   except ValueError as e:
     raise BitstreamError(f"invalid header: {e}") from e
   return header, streams
 
 
-def _check_envelope(data: bytes) -> tuple:
-  """Magic, version, length and CRC; returns the fixed fields."""
+def _check_envelope(data: bytes) -> tuple[int, tuple]:
+  """Magic, version, length and CRC; returns the version and the fields
+  the versions share."""
   got = len(data)
   if data[: len(MAGIC)] != MAGIC[:got]:
     raise BitstreamError("not a cdc_jax file (bad magic bytes)")
@@ -151,14 +191,14 @@ def _check_envelope(data: bytes) -> tuple:
   if version > FORMAT_VERSION:
     raise BitstreamError(
       f"made by a newer cdc_jax (format v{version}); this version reads "
-      f"v{FORMAT_VERSION}"
+      f"v1 to v{FORMAT_VERSION}"
     )
   if version < 1:
     raise BitstreamError(f"unknown format version {version}")
-  if got < _FIXED + _CRC.size:
+  least = _fixed_size(version) + _CRC.size
+  if got < least:
     raise BitstreamError(
-      f"file is truncated: expected at least {_FIXED + _CRC.size} bytes, "
-      f"got {got}"
+      f"file is truncated: expected at least {least} bytes, got {got}"
     )
   fields = _FIELDS.unpack_from(data, _PREFIX.size)
   total = fields[0]
@@ -171,19 +211,19 @@ def _check_envelope(data: bytes) -> tuple:
   (crc,) = _CRC.unpack_from(data, got - _CRC.size)
   if zlib.crc32(data[: got - _CRC.size]) != crc:
     raise BitstreamError("checksum mismatch: the file is corrupted")
-  return fields
+  return version, fields
 
 
-def _split_streams(data: bytes, n_streams: int) -> list[bytes]:
+def _split_streams(data: bytes, n_streams: int, fixed: int) -> list[bytes]:
   """The streams after the length table (lengths must add up)."""
   got = len(data)
-  table_end = _FIXED + 4 * n_streams
+  table_end = fixed + 4 * n_streams
   if table_end + _CRC.size > got:
     raise BitstreamError(
       f"stream lengths inconsistent: {n_streams} streams do not fit a "
       f"{got}-byte file"
     )
-  lengths = struct.unpack_from(f"<{n_streams}I", data, _FIXED)
+  lengths = struct.unpack_from(f"<{n_streams}I", data, fixed)
   if table_end + sum(lengths) + _CRC.size != got:
     raise BitstreamError(
       f"stream lengths inconsistent: they sum to {sum(lengths)} bytes, "
