@@ -3,6 +3,8 @@
   python benchmarks/codec.py --config configs/eps_linear.py:tiny
   python benchmarks/codec.py --config configs/eps_linear.py --steps 1,2
   python benchmarks/codec.py --model MODEL_DIR [--steps 1,17,65]
+  python benchmarks/codec.py --config configs/eps_linear.py --calibrate \
+      --steps 1,17 --extrapolate 65 --precision float32,bfloat16 --repeats 1
 
 ``--model`` takes a model directory (or training workdir) as the codec
 does; ``--config`` builds a randomly initialised model from a config file
@@ -26,7 +28,11 @@ coding on the host; ``codec.compress_image`` end to end), entropy coding
 throughput (z and y symbols per second, table indexes included), the
 ahead-of-time lower and compile time of the decode loop (g_s + DDIM scan)
 per S, its run time in total and per step, and the file size against the
-model's float estimate and the integer-table estimate.
+model's float estimate and the integer-table estimate. ``--precision
+float32,bfloat16`` times the decode loop with the model computing in each
+(``cdc_jax.models.cdc.with_dtype``; the entropy decoding is float32
+either way); ``--extrapolate 65`` adds clearly labelled estimates from the
+per-step slope when a large S is too slow to measure (CPU).
 """
 
 from __future__ import annotations
@@ -51,8 +57,13 @@ from cdc_jax.coding import range_coder  # noqa: E402
 from cdc_jax.coding import tables as coding_tables  # noqa: E402
 from cdc_jax.eval import metrics  # noqa: E402
 from cdc_jax.imageio import to_float  # noqa: E402
-from cdc_jax.models.cdc import from_config, init_params, to_config  # noqa: E402
-from cdc_jax.sample import initial_noise  # noqa: E402
+from cdc_jax.models.cdc import (  # noqa: E402
+  from_config,
+  init_params,
+  to_config,
+  with_dtype,
+)
+from cdc_jax.sample import Sampler, initial_noise  # noqa: E402
 from configs import common  # noqa: E402
 
 
@@ -108,6 +119,23 @@ def main(argv=None) -> int:
   p.add_argument("--image", help="an image file (default: skimage coffee)")
   p.add_argument("--size", default="512x768", help="H x W (default 512x768)")
   p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+  p.add_argument(
+    "--precision",
+    default="float32",
+    help="decode precision(s): float32, bfloat16 or a list",
+  )
+  p.add_argument(
+    "--no-warmup",
+    dest="warmup",
+    action="store_false",
+    help="time decode loops without an untimed first run (slow CPUs)",
+  )
+  p.add_argument(
+    "--extrapolate",
+    type=lambda v: [int(x) for x in v.split(",")],
+    default=[],
+    help="S values to extrapolate from the smallest and largest S timed",
+  )
   p.add_argument("--seed", type=int, default=0, help="init seed (--config)")
   p.add_argument(
     "--calibrate",
@@ -261,16 +289,26 @@ def main(argv=None) -> int:
   x_init = initial_noise(
     header.seed, (1, hp, wp, cm.model.channels), header.gamma
   )
+  for precision in args.precision.split(","):
+    decode_loops(cm, precision, steps_list, y_hat, x_init, args)
+    print(f"  (+ entropy decode incl. h_s: {fmt_time(decode_entropy_s)})")
+  return 0
+
+
+def decode_loops(cm, precision: str, steps_list, y_hat, x_init, args):
+  """Times g_s + the DDIM loop per S with the model in ``precision``."""
+  sampler = Sampler(with_dtype(cm.model, precision), cm.schedule)
+  hp, wp = x_init.shape[1:3]
   print(
-    f"\ndecode loop (g_s + DDIM scan, batch 1, {wp}x{hp}); decode total = "
-    "entropy decode + loop"
+    f"\ndecode loop in {precision} (g_s + DDIM loop, batch 1, {wp}x{hp}, "
+    f"median of {args.repeats}, load {os.getloadavg()[0]:.1f})"
   )
-  cols = ("S", "lower", "compile", "loop", "per step", "decode total")
-  print("{:>5} {:>10} {:>10} {:>10} {:>10} {:>13}".format(*cols))
+  cols = ("S", "lower", "compile", "loop", "per step")
+  print("{:>5} {:>10} {:>10} {:>10} {:>10}".format(*cols))
   loops = {}
   for s in steps_list:
     # decode_latent as one jitted program (its step tables constants).
-    loop = jax.jit(functools.partial(cm.sampler.decode_latent, steps=s))
+    loop = jax.jit(functools.partial(sampler.decode_latent, steps=s))
     call_args = (cm.params, y_hat, x_init)
     t = time.perf_counter()
     lowered = loop.lower(*call_args)
@@ -278,12 +316,13 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    loop_s = median_time(lambda c=compiled, a=call_args: c(*a), args.repeats)
+    loop_s = median_time(
+      lambda c=compiled, a=call_args: c(*a), args.repeats, args.warmup
+    )
     loops[s] = loop_s
     print(
       f"{s:>5} {fmt_time(lower_s):>10} {fmt_time(compile_s):>10} "
-      f"{fmt_time(loop_s):>10} {fmt_time(loop_s / s):>10} "
-      f"{fmt_time(loop_s + decode_entropy_s):>13}"
+      f"{fmt_time(loop_s):>10} {fmt_time(loop_s / s):>10}"
     )
   if len(loops) >= 2:
     (s1, t1), (s2, t2) = min(loops.items()), max(loops.items())
@@ -293,7 +332,11 @@ def main(argv=None) -> int:
         f"per step from the S={s1} and S={s2} loops: {fmt_time(slope)} "
         f"(the rest, g_s and loop setup: {fmt_time(t1 - s1 * slope)})"
       )
-  return 0
+      for s in args.extrapolate:
+        print(
+          f"S={s} EXTRAPOLATED (not measured): "
+          f"{fmt_time(t1 + (s - s1) * slope)}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,13 +37,24 @@ def make_manager(workdir: str, max_to_keep: int, interval: int):
   )
 
 
-def restore_or_none(manager, abstract_state: Any):
-  """Restores the latest complete checkpoint, or returns None."""
+def restore_or_none(manager, abstract_state: Any, shardings: Any = None):
+  """Restores the latest complete checkpoint, or returns None.
+
+  ``shardings`` (a tree like the state, or None): the restored arrays are
+  placed with them directly (each process reads what it holds).
+  """
+  import jax
   import orbax.checkpoint as ocp
 
   step = manager.latest_step()
   if step is None:
     return None
+  if shardings is not None:
+    abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state,
+      shardings,
+    )
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
@@ -55,7 +66,7 @@ def latest_step(workdir: str) -> int | None:
     return None
   manager = ocp.CheckpointManager(
     checkpoint_dir(workdir),
-    options=ocp.CheckpointManagerOptions(read_only=True),
+    options=_read_only_options(),
   )
   try:
     return manager.latest_step()
@@ -80,7 +91,7 @@ def restore_params(workdir: str, abstract_params: Any) -> tuple[Any, int]:
     raise FileNotFoundError(f"{workdir}: no complete checkpoint")
   manager = ocp.CheckpointManager(
     checkpoint_dir(workdir),
-    options=ocp.CheckpointManagerOptions(read_only=True),
+    options=_read_only_options(),
     item_handlers=ocp.PyTreeCheckpointHandler(),
   )
   try:
@@ -103,6 +114,24 @@ def restore_params(workdir: str, abstract_params: Any) -> tuple[Any, int]:
     return out[key], step
   finally:
     manager.close()
+
+
+def _read_only_options():
+  """A reader's options; in multi-process runs a reader is local to its
+  process (no barriers with processes that do not read, e.g. export on
+  process 0 only)."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  if jax.process_count() == 1:
+    return ocp.CheckpointManagerOptions(read_only=True)
+  me = jax.process_index()
+  return ocp.CheckpointManagerOptions(
+    read_only=True,
+    multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}
+    ),
+  )
 
 
 def _numpy_restore_args(tree):

@@ -3,16 +3,27 @@ MS-SSIM, LPIPS when weights are given), beside JPEG, WebP and AVIF.
 
   python -m cdc_jax.evaluate --model models/eps_b0.1024 \\
       --dataset kodak --data /data/kodak --out eval/kodak
-  python -m cdc_jax.evaluate --model runs/x --dataset held_out --out /tmp/e
+  python -m cdc_jax.evaluate --model M --dataset tfds:div2k/bicubic_x2 \\
+      --split validation --image-key hr --preprocess div2k --out eval/d
+  python -m cdc_jax.evaluate --model runs/x --dataset held_out --out /tmp/e \\
+      --lpips-weights models/eps_b0.1024/lpips_vgg.npz
+  python -m cdc_jax.evaluate --model M --dataset div2k --data /data/div2k \\
+      --out eval/div2k --inception-weights pt_inception-2015-12-05.npz
 
 ``--model`` takes model directories or training workdirs (latest
-checkpoint, EMA params), repeatable, optionally ``label=path``. The last
-line printed names the report folder (see ``cdc_jax.eval.pipeline``).
+checkpoint, EMA params), repeatable, optionally ``label=path``. LPIPS is
+measured (column ``lpips``, ``rd_lpips.png``) when ``--lpips-weights``
+names an LPIPS ``.npz``. FID and KID per setting (summary columns
+``fid``, ``kid``, ``kid_std``, ``rd_fid.png``, ``fid_kid.json``; HiFiC /
+MS-ILLM 256-px patches) when ``--inception-weights`` names the FID
+InceptionV3 weights. The last line printed names the report folder (see
+``cdc_jax.eval.pipeline``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -25,20 +36,82 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--dataset",
     default="folder",
-    help="kodak, tecnick, div2k, coco, clic, folder, or held_out (the "
-    "embedded held-out photo; no --data)",
+    help="kodak, tecnick, div2k, coco, clic, folder, held_out (the "
+    "embedded held-out photo; no --data), or tfds:<builder> (a TFDS "
+    "dataset prepared as array_record; --data is its data_dir)",
   )
   p.add_argument("--data", default="", help="the dataset's folder")
+  p.add_argument("--split", default="test", help="TFDS split (tfds: only)")
+  p.add_argument(
+    "--image-key", default="image", help="TFDS image feature (tfds: only)"
+  )
+  p.add_argument(
+    "--preprocess",
+    default="folder",
+    help="tfds: only: a dataset's preprocessing (kodak, tecnick, div2k, "
+    "coco, clic; folder = as they are)",
+  )
   p.add_argument("--out", required=True, help="report folder")
   p.add_argument("--limit", type=int, default=None, help="first N images")
   p.add_argument("--steps", default="", help="decode steps, e.g. 17,65")
   p.add_argument("--gammas", default="0.8", help="x_T scales, e.g. 0.6,0.8")
   p.add_argument("--baselines", default="jpeg,webp,avif")
   p.add_argument("--anchor", default="jpeg", help="BD-rate anchor codec")
-  p.add_argument("--references", default="", help="CSV of published points")
+  p.add_argument(
+    "--references",
+    default="",
+    help="CSV of published points: system, bpp and any of psnr, "
+    "ms_ssim_db, lpips, fid",
+  )
+  p.add_argument(
+    "--qualities",
+    default="",
+    help="the baselines' quality grid, e.g. 10,30,50 (default: per codec)",
+  )
   p.add_argument("--save-reconstructions", action="store_true")
   p.add_argument("--no-progress", action="store_true")
+  _add_metric_flags(p)
   return p
+
+
+def _add_metric_flags(p: argparse.ArgumentParser) -> None:
+  """The flags of the metrics that need weight files (LPIPS, FID/KID)."""
+  p.add_argument(
+    "--lpips-weights",
+    default="",
+    metavar="FILE",
+    help="LPIPS weights .npz (lpips_vgg.npz of a converted rho>0 "
+    "checkpoint, or python -m cdc_jax.convert.lpips_cli); adds LPIPS",
+  )
+  p.add_argument(
+    "--lpips-net",
+    choices=("vgg", "alex"),
+    default=None,
+    help="the LPIPS trunk; by default read from the weights file",
+  )
+  p.add_argument(
+    "--inception-weights",
+    default="",
+    metavar="FILE",
+    help="FID InceptionV3 weights (torch-fidelity's weights-inception-"
+    "2015-12-05-6726825d.pth, pytorch-fid's pt_inception-2015-12-05-"
+    "6726825d.pth, or its .npz from python -m cdc_jax.convert."
+    "inception_cli); adds FID and KID per setting",
+  )
+  p.add_argument(
+    "--kid-subset-size",
+    type=int,
+    default=1000,
+    help="KID subset size (100 subsets; clipped to the patch count)",
+  )
+  p.add_argument(
+    "--no-shifted-patches",
+    action="store_true",
+    help="FID/KID on the 256-px tiles only, without the 128-px-shifted pass",
+  )
+  p.add_argument(
+    "--fid-batch", type=int, default=32, help="patches per Inception call"
+  )
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -49,12 +122,25 @@ def _floats(text: str) -> tuple[float, ...]:
   return tuple(float(v) for v in text.split(",") if v)
 
 
-def load_images(dataset: str, data: str, limit: int | None):
+def load_images(args):
+  from cdc_jax.data import tfds_source
   from cdc_jax.eval import datasets, held_out
 
-  if dataset == "held_out":
+  if args.dataset == "held_out":
     return [("chelsea (held out)", held_out.held_out_image())]
-  return list(datasets.images(dataset, data, limit))
+  if not args.dataset.startswith(tfds_source.PREFIX):
+    return list(datasets.images(args.dataset, args.data, args.limit))
+  name = args.dataset.removeprefix(tfds_source.PREFIX)
+  ds = datasets.get(args.preprocess)
+  found = tfds_source.images(name, args.split, args.data, args.image_key)
+  kept = ((n, ds.preprocess(img)) for n, img in found if ds.keep(img))
+  out = list(itertools.islice(kept, args.limit))
+  if not out:
+    raise datasets.DatasetError(
+      f"{args.dataset}: no image of split {args.split!r} qualifies for "
+      f"--preprocess {args.preprocess} ({ds.description})"
+    )
+  return out
 
 
 def load_models(specs: list[str]) -> dict:
@@ -80,20 +166,36 @@ def run(args) -> dict:
     save_reconstructions=args.save_reconstructions,
     progress=not args.no_progress,
     title=args.dataset,
+    lpips_weights=args.lpips_weights,
+    lpips_net=args.lpips_net or "",
+    inception_weights=args.inception_weights,
+    kid_subset_size=args.kid_subset_size,
+    shifted_patches=not args.no_shifted_patches,
+    fid_batch=args.fid_batch,
+    qualities=_ints(args.qualities),
   )
+  # Bad options and weight files fail before any work.
+  pipeline.check(opts)
+  lpips_fn = pipeline.lpips_of(opts)
+  extractor = pipeline.inception_of(opts)
   models = load_models(args.model)
-  images = load_images(args.dataset, args.data, args.limit)
-  result = pipeline.evaluate(models, images, args.out, opts)
+  images = load_images(args)
+  result = pipeline.evaluate(
+    models, images, args.out, opts, lpips_fn, extractor
+  )
   print("\n".join(pipeline.cdc_vs_baseline(result["rows"])))
   print(pipeline.report.summary_table(result["summary"]))
+  print("\n".join(pipeline.fid_lines(result)))
   print(f"report: {os.path.abspath(args.out)}")
   return result
 
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  from cdc_jax import compile_cache
   from cdc_jax.jobs import USER_ERRORS
 
+  compile_cache.enable()  # CDC_COMPILE_CACHE=off turns it off
   try:
     run(args)
   except USER_ERRORS as e:

@@ -58,28 +58,62 @@ def train_job(config, workdir: str) -> dict:
 
 def eval_job(config, workdir: str) -> dict:
   """Evaluates the workdir's latest checkpoint (EMA params where present,
-  no optimizer built) on the held-out photo: real file, PSNR, MS-SSIM,
-  beside JPEG/WebP/AVIF at the nearest bpp; the report in workdir/eval."""
+  no optimizer built) on the held-out photo: real file, PSNR, MS-SSIM
+  (LPIPS when ``config.diffusion.lpips_weights`` is set; FID/KID per
+  setting when ``config.eval.inception_weights`` is, on this one photo
+  NaN or not meaningful: the report says which), beside JPEG/WebP/AVIF
+  at the nearest bpp; the report in workdir/eval."""
   from cdc_jax import codec
   from cdc_jax.eval import pipeline
 
-  cm = codec.load(workdir)
   opts = pipeline.Options(
     steps=(config.eval.steps,),
     gammas=(config.eval.gamma,),
     progress=config.log.progress,
     title="held-out photo",
+    lpips_weights=config.diffusion.lpips_weights,
+    inception_weights=config.eval.inception_weights,
   )
+  # Bad weight files fail before decoding.
+  lpips_fn = pipeline.lpips_of(opts)
+  extractor = pipeline.inception_of(opts)
+  cm = codec.load(workdir)
   out = os.path.join(workdir, "eval")
   image = [(f"{HELD_OUT} (held out)", held_out.held_out_image())]
-  result = pipeline.evaluate({"workdir": cm}, image, out, opts)
+  result = pipeline.evaluate(
+    {"workdir": cm}, image, out, opts, lpips_fn, extractor
+  )
   print("\n".join(pipeline.cdc_vs_baseline(result["rows"])))
+  print("\n".join(pipeline.fid_lines(result)))
   print(f"report: {out}")
   return result
 
 
-def export_job(workdir: str) -> str:
-  """Writes ``workdir/model`` from the latest checkpoint; returns its path."""
+def export_job(workdir: str) -> str | None:
+  """Writes ``workdir/model`` from the latest checkpoint; returns its path.
+
+  Multi-process runs: process 0 alone reads and writes (None elsewhere).
+  """
+  if jax.process_index() != 0:
+    return None
   out = model_dir.export_workdir(workdir)
   print(f"exported {out}")
   return out
+
+
+def check_workdir(workdir: str) -> None:
+  """Rejects bucket URLs (``gs://...``) as workdirs, before any work.
+
+  Checkpoints, TensorBoard events, exports and reports are written with
+  local file APIs; a bucket is used through a gcsfuse mount instead.
+
+  Raises:
+    ValueError: ``workdir`` is a URL.
+  """
+  scheme, sep, _ = workdir.partition("://")
+  if sep and scheme.isalnum():
+    raise ValueError(
+      f"--workdir={workdir}: {scheme}:// workdirs are not supported "
+      "(checkpoints, logs and exports use local file APIs); mount the "
+      "bucket with gcsfuse and pass the mount path, see launch/tpu_pod.sh"
+    )

@@ -13,6 +13,13 @@ estimated bpp and PSNR. eval: evaluates the latest checkpoint (EMA params,
 no optimizer built) on the held-out photo beside JPEG/WebP/AVIF, report in
 workdir/eval. export: writes workdir/model from the latest checkpoint.
 Multi-process runs: see cdc_jax/distributed.py and launch/.
+
+Exit status: 0 done; 2 a user error (one line on stderr); 75 preempted
+(SIGTERM, or JAX's preemption notice): a checkpoint of the current step
+was saved, rerun the same command to resume (cdc_jax/preemption.py).
+Compiled programs are cached on disk (cdc_jax/compile_cache.py;
+--nocompile_cache or CDC_COMPILE_CACHE=off turn that off). --workdir
+must be a local or mounted path, not a gs:// URL.
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ _MODE = flags.DEFINE_enum(
 _COORD = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0|auto")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process: count.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-process: this one.")
+_CACHE = flags.DEFINE_bool(
+  "compile_cache",
+  True,
+  "Persistent XLA compilation cache (cdc_jax/compile_cache.py); "
+  "--nocompile_cache turns it off.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,10 +61,13 @@ def main(argv):
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty
   logging.getLogger("cdc_jax").setLevel(logging.INFO)
-  from cdc_jax import distributed, jobs  # here, so --help stays fast
+  # Imported here, so --help stays fast.
+  from cdc_jax import compile_cache, distributed, jobs, preemption
 
   try:  # before anything touches a device; a no-op for one process
+    jobs.check_workdir(_WORKDIR.value)
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value, log=True)
+    compile_cache.enable(disabled=not _CACHE.value)
     if _MODE.value == "export":
       jobs.export_job(_WORKDIR.value)
     elif _MODE.value == "eval":
@@ -61,6 +77,9 @@ def main(argv):
   except jobs.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except preemption.Preempted as e:
+    print(f"{e} (exit status {preemption.EXIT_CODE})", file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

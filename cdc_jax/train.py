@@ -13,6 +13,9 @@ per-step device stall) and always before a save or an evaluation. At the
 end, ``workdir/model`` is exported (decoding params, entropy tables) and
 the final metrics written to ``workdir/metrics.json``. Only process 0
 writes logs, reports and the model; every process takes part in saves.
+
+A preemption notice (``cdc_jax.preemption``) makes every process save the
+current step and raise ``Preempted``; a rerun resumes there exactly.
 """
 
 from __future__ import annotations
@@ -26,14 +29,12 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cdc_jax import checkpoint, diffusion, model_dir, sharding
+from cdc_jax import checkpoint, diffusion, model_dir, preemption, sharding
 from cdc_jax.convert.lpips import LPIPSWeightsError
 from cdc_jax.convert.lpips import load_params as load_lpips
-from cdc_jax.data.loader import Loader
-from cdc_jax.data.sources import make_source
+from cdc_jax.data.pipeline import BatchIterator, make_loader
 from cdc_jax.eval import held_out
 from cdc_jax.imageio import write_atomic
 from cdc_jax.models.cdc import CDC, from_config, to_config
@@ -99,35 +100,59 @@ def _init_rng(config):
   return jax.random.fold_in(jax.random.key(config.train.seed), 0xC0DEC)
 
 
-def _from_init_from(config, model: CDC, tx) -> TrainState:
+def _from_init_from(config, model: CDC, tx, state_sharding) -> TrainState:
   """A step-0 state around the params of ``train.init_from``."""
   path = config.train.init_from
   loaded = model_dir.load(path)
-  params = jax.tree.map(jnp.asarray, loaded.params)
   abstract = jax.eval_shape(
     lambda: fresh_state(model, tx, _init_rng(config), False)
   )
   want = jax.tree.map(lambda a: a.shape, abstract.params)
-  got = jax.tree.map(jnp.shape, params)
+  got = jax.tree.map(np.shape, loaded.params)
   if want != got:
     raise TrainingError(
       f"{path}: its parameters do not fit this config's model "
       "(different family or sizes); use the matching config"
     )
-  return from_params(params, tx.init(params), config.train.ema.enabled)
-
-
-def initial_state(config, model: CDC, tx, manager) -> tuple[TrainState, str]:
-  """(state, where it came from): checkpoint, init_from, or scratch."""
   ema = config.train.ema.enabled
-  rng = _init_rng(config)
-  abstract = jax.eval_shape(lambda: fresh_state(model, tx, rng, ema))
-  state = checkpoint.restore_or_none(manager, abstract)
+  params = loaded.params
+  if state_sharding is not None:  # each process from its own host copy
+    # (device_put would compare every leaf across processes first)
+    params = jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, x.__getitem__),
+      params,
+      state_sharding.params,
+    )
+  build = jax.jit(
+    lambda p: from_params(p, tx.init(p), ema), out_shardings=state_sharding
+  )
+  return build(params)
+
+
+def initial_state(
+  config, model: CDC, tx, manager, mesh=None
+) -> tuple[TrainState, str]:
+  """(state, where it came from): checkpoint, init_from, or scratch;
+  created or restored replicated over ``mesh`` (no later ``device_put``,
+  which compares every leaf across processes)."""
+  ema = config.train.ema.enabled
+  abstract = jax.eval_shape(
+    lambda: fresh_state(model, tx, _init_rng(config), ema)
+  )
+  state_sharding = None if mesh is None else sharding.replicated(mesh, abstract)
+  state = checkpoint.restore_or_none(manager, abstract, state_sharding)
   if state is not None:
     return state, f"checkpoint step {int(state.step)}"
   if config.train.init_from:
-    return _from_init_from(config, model, tx), config.train.init_from
-  return fresh_state(model, tx, rng, ema), "scratch"
+    return _from_init_from(config, model, tx, state_sharding), (
+      config.train.init_from
+    )
+  # The key is made inside the jit: nothing crosses processes.
+  init = jax.jit(
+    lambda: fresh_state(model, tx, _init_rng(config), ema),
+    out_shardings=state_sharding,
+  )
+  return init(), "scratch"
 
 
 @dataclasses.dataclass
@@ -179,36 +204,50 @@ def _check_finite(pending, manager) -> None:
 
 @dataclasses.dataclass
 class _Evaluator:
-  """Reconstructs the held-out crop with the decoding params."""
+  """Reconstructs the held-out set with the decoding params (one jitted
+  call, ``held_out.SetEvaluator``) and logs its means to TensorBoard."""
 
-  sampler: Sampler
-  image: np.ndarray
-  steps: int
-  gamma: float
+  measure: held_out.SetEvaluator
 
   def __call__(self, state: TrainState, done: int, out: _Outputs) -> dict:
-    rec, bpp, psnr = held_out.reconstruct(
-      self.sampler, decoding_params(state), self.image, self.steps, self.gamma
-    )
+    means, first = self.measure(decoding_params(state))
     if out.writer is not None:
-      out.writer.add_scalar("eval/bpp", bpp, done)
-      out.writer.add_scalar("eval/psnr", psnr, done)
-      pair = np.concatenate([self.image, rec], axis=1)
+      for k, v in means.items():
+        out.writer.add_scalar(f"eval/{k}", v, done)
+      pair = np.concatenate([self.measure.crops[0], first], axis=1)
       out.writer.add_image(
         "eval/original_vs_reconstruction", pair, done, dataformats="HWC"
       )
-    return {"eval_bpp": bpp, "eval_psnr": psnr}
+    return {f"eval_{k}": v for k, v in means.items()}
 
 
 def _make_evaluator(config, model: CDC) -> _Evaluator:
-  dc = config.diffusion
+  """The held-out set of ``config.eval`` (``data``: "" for the embedded
+  held-out photo, else a folder, its first ``max_images``), center-cropped
+  to one side <= ``size``; LPIPS too when ``diffusion.lpips_weights``."""
+  dc, ec = config.diffusion, config.eval
   schedule = diffusion.make_schedule(dc.schedule, dc.timesteps)
-  image = held_out.center_crop(
-    held_out.held_out_image(), config.eval.size, model.downsampling_factor
+  images = held_out.eval_images(ec.data, ec.max_images)
+  crops = held_out.crop_set(
+    [img for _, img in images], ec.size, model.downsampling_factor
   )
-  return _Evaluator(
-    Sampler(model, schedule), image, config.eval.steps, config.eval.gamma
+  lpips_params = None
+  if dc.lpips_weights:
+    try:
+      lpips_params = load_lpips(dc.lpips_weights)
+    except LPIPSWeightsError as e:
+      raise TrainingError(f"--config.diffusion.lpips_weights: {e}") from None
+  logger.info(
+    "evaluating every %d steps on %d held-out crop(s) of %dx%d",
+    ec.every,
+    len(crops),
+    crops.shape[1],
+    crops.shape[2],
   )
+  measure = held_out.SetEvaluator(
+    Sampler(model, schedule), crops, ec.steps, ec.gamma, lpips_params
+  )
+  return _Evaluator(measure)
 
 
 def _log(metrics, done: int, rate: float, out: _Outputs) -> dict:
@@ -224,6 +263,11 @@ def _log(metrics, done: int, rate: float, out: _Outputs) -> dict:
       lam=f"{last['lam']:.2g}",
       sps=f"{rate:.2f}",
     )
+  elif out.writer is not None:  # process 0 without a bar: one line
+    keys = ("loss", "bpp", "lam", "steps_per_sec")
+    logger.info(
+      "step %d: %s", done, ", ".join(f"{k} {last[k]:.4g}" for k in keys)
+    )
   return last
 
 
@@ -235,13 +279,19 @@ class _Run:
   workdir: str
   step_fn: Any
   batch_sharding: Any
-  loader: Loader
+  loader: BatchIterator
   manager: Any
   evaluate: _Evaluator
+  watch: preemption.Watch
 
 
 def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
-  """Runs steps ``state.step .. num_steps``; returns (state, last metrics)."""
+  """Runs steps ``state.step .. num_steps``; returns (state, last metrics).
+
+  Raises:
+    preemption.Preempted: after a preemption notice, once every process
+      has saved (and finalised) the checkpoint of the step it names.
+  """
   import orbax.checkpoint as ocp
 
   config, manager = run.config, run.manager
@@ -257,8 +307,12 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
       # stall the device, which already runs this step.
       _check_finite(pending, manager)
       pending, done = (step, metrics["loss"]), step + 1
-      is_ckpt = done % config.checkpoint.every == 0 or done == num_steps
+      # Asked at every step on every process (JAX's sync point needs it).
+      stop = done < num_steps and run.watch.reached(done)
+      is_ckpt = stop or done % config.checkpoint.every == 0
+      is_ckpt = is_ckpt or done == num_steps
       is_eval = done % config.eval.every == 0 or done == num_steps
+      is_eval = is_eval and not stop
       if is_ckpt or is_eval:
         _check_finite(pending, manager)  # never save or show a NaN state
       if done % config.log.every == 0 or done == num_steps:
@@ -269,6 +323,9 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
         out.bar.update(1)
       if is_ckpt:
         manager.save(done, args=ocp.args.StandardSave(state), force=True)
+      if stop:
+        manager.wait_until_finished()
+        raise preemption.Preempted(done, str(manager.directory))
       if is_eval:
         last.update(run.evaluate(state, done, out))
   finally:
@@ -287,17 +344,10 @@ def _load_lpips(config):
     raise TrainingError(f"--config.diffusion.lpips_weights: {e}") from None
 
 
-def _make_loader(config) -> Loader:
+def _make_loader(config) -> BatchIterator:
   """This process's loader; fails here, before the model is built, when
   the data holds no usable image (one decode on a healthy dataset)."""
-  loader = Loader(
-    make_source(config.data),
-    config.train.batch_size // jax.process_count(),
-    config.data.crop_size,
-    seed=config.train.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+  loader = make_loader(config, jax.process_index(), jax.process_count())
   loader.require_usable()
   return loader
 
@@ -313,9 +363,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tx = make_optimizer(config.train)
   ck = config.checkpoint
   manager = checkpoint.make_manager(workdir, ck.keep, ck.every)
-  state, origin = initial_state(config, model, tx, manager)
+  state, origin = initial_state(config, model, tx, manager, mesh)
   state_sharding = sharding.replicated(mesh, state)
-  state = jax.device_put(state, state_sharding)
   _save_run_config(config, workdir)
   step_fn, batch_sharding = make_train_step(
     config, model, tx, mesh, state_sharding, _load_lpips(config)
@@ -325,11 +374,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     "training from %s, step %d of %d", origin, start, config.train.num_steps
   )
   evaluate = _make_evaluator(config, model)
+  watch = preemption.Watch(manager)
   run = _Run(
-    config, workdir, step_fn, batch_sharding, loader, manager, evaluate
+    config, workdir, step_fn, batch_sharding, loader, manager, evaluate, watch
   )
   try:
-    state, last = _loop(run, state)
+    with watch:
+      state, last = _loop(run, state)
   finally:
     loader.close()
     manager.close()

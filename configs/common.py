@@ -58,7 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
       hyper_dims_mults=(4, 4, 4),
       context_channels=3,
       channels=3,
-      dtype="float32",  # compute dtype; "bfloat16" for accelerators
+      # Compute dtype: "bfloat16" on accelerators (params, optimizer
+      # state, norms, softmax, rate and loss stay float32).
+      dtype="float32",
+      remat=False,  # recompute U-Net block activations (less memory)
     )
   )
 
@@ -116,7 +119,17 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   c.data = ml_collections.ConfigDict(
-    dict(name="embedded", path="", split="train", crop_size=256)
+    dict(
+      name="embedded",
+      path="",
+      split="train",
+      crop_size=256,
+      image_key="image",  # the image feature of a tfds:<name> dataset
+      # "threads" (cdc_jax.data.loader) or "grain" (worker processes);
+      # both give the same batches (cdc_jax/data/pipeline.py).
+      pipeline="threads",
+      workers=0,  # grain worker processes (0: a thread)
+    )
   )
 
   c.log = ml_collections.ConfigDict(dict(every=100, progress=True))
@@ -125,13 +138,20 @@ def base_config() -> ml_collections.ConfigDict:
   # at the end; the newest `keep` are kept).
   c.checkpoint = ml_collections.ConfigDict(dict(every=5000, keep=3))
 
-  # Evaluation of the held-out photo during training and at the end.
+  # Evaluation during training (every `every` steps, on a small held-out
+  # set: mean PSNR, estimated bpp, MS-SSIM when the crops are >= 161 px,
+  # LPIPS when diffusion.lpips_weights is set) and at the end.
   c.eval = ml_collections.ConfigDict(
     dict(
       every=5000,
       steps=65,  # DDIM decode steps
       gamma=0.8,  # x_T = gamma * N(0, I)
-      size=256,  # the held-out photo is center-cropped to this size
+      size=256,  # center crops of this side (at most; one side for all)
+      data="",  # "": the embedded held-out photo; else an image folder
+      max_images=4,  # the folder's first images (sorted by path)
+      # FID InceptionV3 weights (.npz or .pth) for --mode=eval's FID/KID;
+      # "": off. See python -m cdc_jax.convert.inception_cli.
+      inception_weights="",
     )
   )
   return c

@@ -10,10 +10,15 @@ a timeout and both processes' stderr is shown on failure.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -21,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdc_jax import distributed, sharding
+from cdc_jax import distributed, preemption, sharding
 from cdc_jax.distributed import DistributedError, Plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS, COLS = 8, 3  # the global batch of the collective test
 STEPS = 3  # the training comparison
+LONG = 40  # the preemption test: SIGTERM comes long before the end
 
 
 def global_rows():
@@ -38,12 +44,12 @@ def weighted_sum(x):
   return jnp.sum(x * jnp.arange(1, ROWS + 1, dtype=x.dtype)[:, None])
 
 
-def train_config():
-  """Global batch 4 (one crop per device), 3 steps, a final checkpoint."""
+def train_config(num_steps=STEPS):
+  """Global batch 4 (one crop per device), a final checkpoint."""
   import tiny_training
 
-  c = tiny_training.config(batch_size=4, num_steps=STEPS)
-  c.checkpoint.every = STEPS
+  c = tiny_training.config(batch_size=4, num_steps=num_steps)
+  c.checkpoint.every = num_steps
   c.eval.steps = 1
   return c
 
@@ -84,17 +90,50 @@ def _worker(mode: str, out_path: str, coordinator=None, pid=None) -> None:
     "local_device_count": jax.local_device_count(),
     "describe": distributed.describe(plan),
   }
+  workdir = os.path.join(os.path.dirname(out_path), "work")
   if mode == "train":
-    from cdc_jax import train
+    from cdc_jax import jobs, train
 
-    workdir = os.path.join(os.path.dirname(out_path), "work")
     t0 = time.time()
     out["metrics"] = train.train_and_evaluate(train_config(), workdir)
     out["train_s"] = time.time() - t0
+    out["exported"] = jobs.export_job(workdir)  # process 0 only
+  elif mode == "preempt":
+    _worker_preempt(out, workdir)
   else:
     _worker_collective(out)
   with open(out_path, "w") as f:
     json.dump(out, f)
+  if out.get("preempted_at") is not None:
+    sys.exit(preemption.EXIT_CODE)  # as the main job does
+
+
+def _worker_preempt(out: dict, workdir: str) -> None:
+  """Trains LONG steps, logging each on process 0; records where a
+  preemption stopped it (None: it finished)."""
+  from cdc_jax import train
+
+  logging.basicConfig(level=logging.WARNING)
+  logging.getLogger("cdc_jax").setLevel(logging.INFO)
+  started = _Records()
+  logging.getLogger("cdc_jax.train").addHandler(started)
+  out["preempted_at"], out["started"] = None, started.messages
+  try:
+    out["metrics"] = train.train_and_evaluate(train_config(LONG), workdir)
+  except preemption.Preempted as e:
+    out["preempted_at"] = e.step
+
+
+class _Records(logging.Handler):
+  """Keeps the 'training from ...' message of the trainer's log."""
+
+  def __init__(self):
+    super().__init__()
+    self.messages = []
+
+  def emit(self, record):
+    if record.getMessage().startswith("training from"):
+      self.messages.append(record.getMessage())
 
 
 def free_port() -> int:
@@ -134,6 +173,22 @@ def run_pair(mode, tmp_path, timeout=120, slurm=False) -> list[dict]:
 
 def _run_pair_once(mode, tmp_path, timeout, slurm):
   """(exit codes, stderr without gloo's chatter) of one run of the pair."""
+  procs = _start_pair(mode, tmp_path, slurm)
+  try:
+    logs = [p.communicate(timeout=timeout)[1] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:  # SIGKILL: JAX catches SIGTERM (preemption notice)
+      p.kill()
+    logs = [p.communicate()[1] for p in procs]
+  return [p.returncode for p in procs], [_without_gloo(e) for e in logs]
+
+
+def _without_gloo(err: str) -> str:
+  return "\n".join(ln for ln in err.splitlines() if "[Gloo]" not in ln)
+
+
+def _start_pair(mode, tmp_path, slurm=False) -> list[subprocess.Popen]:
+  """Starts this file's two workers of ``mode`` (stdout, stderr piped)."""
   port = free_port()
   env = {
     **os.environ,
@@ -167,17 +222,7 @@ def _run_pair_once(mode, tmp_path, timeout, slurm):
         text=True,
       )
     )
-  try:
-    logs = [p.communicate(timeout=timeout)[1] for p in procs]
-  except subprocess.TimeoutExpired:
-    for p in procs:  # SIGKILL: JAX catches SIGTERM (preemption notice)
-      p.kill()
-    logs = [p.communicate()[1] for p in procs]
-  logs = [
-    "\n".join(ln for ln in err.splitlines() if "[Gloo]" not in ln)
-    for err in logs
-  ]
-  return [p.returncode for p in procs], logs
+  return procs
 
 
 def _check_topology(results, kind):
@@ -226,7 +271,7 @@ def test_two_processes_train_like_one(tmp_path):
   from cdc_jax.train_step import make_train_step
 
   t0 = time.time()
-  results = run_pair("train", tmp_path, timeout=600)
+  results = run_pair("train", tmp_path, timeout=1500)
   print(f"pair: {time.time() - t0:.1f} s, train_and_evaluate", end=" ")
   print(", ".join(f"{r['train_s']:.1f} s" for r in results))
   _check_topology(results, "explicit")
@@ -234,10 +279,9 @@ def test_two_processes_train_like_one(tmp_path):
   model, tx = from_config(c.model), make_optimizer(c.train)
   mesh = sharding.make_mesh(jax.devices()[:4])
   fresh = checkpoint.make_manager(str(tmp_path / "ref"), 1, STEPS)
-  state, origin = train.initial_state(c, model, tx, fresh)
+  state, origin = train.initial_state(c, model, tx, fresh, mesh)
   assert origin == "scratch"
   state_sharding = sharding.replicated(mesh, state)
-  state = jax.device_put(state, state_sharding)
   step, batch_sharding = make_train_step(c, model, tx, mesh, state_sharding)
   loaders = [
     Loader(make_source(c.data), 2, c.data.crop_size, c.train.seed, p, 2)
@@ -269,6 +313,138 @@ def test_two_processes_train_like_one(tmp_path):
       float(metrics["loss"]), rel=1e-5
     )
   assert os.path.isdir(tmp_path / "work" / "model")  # process 0 exported
+  # --mode=export: process 0 alone reads the checkpoint and writes.
+  assert results[0]["exported"] == str(tmp_path / "work" / "model")
+  assert results[1]["exported"] is None
+
+
+class _Pair:
+  """The two workers of ``mode``, their stderr read line by line."""
+
+  def __init__(self, mode, tmp_path):
+    self.procs = _start_pair(mode, tmp_path)
+    self.logs: list[list[str]] = [[], []]
+    self.lines: queue.Queue = queue.Queue()
+    self.readers = [
+      threading.Thread(target=self._read, args=(i,), daemon=True)
+      for i in range(2)
+    ]
+    for t in self.readers:
+      t.start()
+
+  def _read(self, i):
+    for line in self.procs[i].stderr:
+      self.logs[i].append(line)
+      self.lines.put((i, line))
+    self.lines.put((i, None))
+
+  def wait_for_step(self, step, timeout) -> bool:
+    """True once process 0 logs ``step >= step``; False if it ends."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      try:
+        i, line = self.lines.get(timeout=5)
+      except queue.Empty:
+        continue
+      if i == 0 and line is None:
+        return False
+      m = re.search(r"step (\d+): loss", line or "")
+      if i == 0 and m and int(m.group(1)) >= step:
+        return True
+    return False
+
+  def finish(self, timeout) -> tuple[list[int], list[str]]:
+    """(exit codes, stderr without gloo's chatter); kills at timeout."""
+    for p in self.procs:
+      try:
+        p.wait(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    for t in self.readers:
+      t.join(timeout=60)
+    for p in self.procs:
+      p.stdout.close()
+    codes = [p.returncode for p in self.procs]
+    return codes, [_without_gloo("".join(lines)) for lines in self.logs]
+
+
+def _preempt_pair(tmp_path) -> tuple[list[int], list[str]]:
+  """Starts the pair and SIGTERMs process 1 once process 0 logged step 2
+  (once more if gloo's start-up deadline passed)."""
+  for _ in range(2):
+    pair = _Pair("preempt", tmp_path)
+    if pair.wait_for_step(2, timeout=1500):
+      pair.procs[1].send_signal(signal.SIGTERM)
+    codes, logs = pair.finish(timeout=300)
+    if not any(GLOO_SKEW in err for err in logs):
+      break
+    print("gloo start-up timeout (process skew under load); rerunning")
+  return codes, logs
+
+
+@pytest.mark.slow  # two pairs of processes
+def test_sigterm_to_one_process_saves_both_and_the_pair_resumes(tmp_path):
+  """JAX's preemption service: a SIGTERM to process 1 alone makes both
+  save the same step and exit 75; the restarted pair resumes there."""
+  from cdc_jax import checkpoint
+
+  codes, logs = _preempt_pair(tmp_path)
+  report = "\n".join(
+    f"--- process {i}:\n{e[-3000:]}" for i, e in enumerate(logs)
+  )
+  assert codes == [preemption.EXIT_CODE] * 2, report
+  results = []
+  for i in range(2):
+    with open(tmp_path / f"out{i}.json") as f:
+      results.append(json.load(f))
+  saved = results[0]["preempted_at"]
+  assert results[1]["preempted_at"] == saved  # the same step everywhere
+  assert 2 <= saved < LONG
+  work = str(tmp_path / "work")
+  assert checkpoint.latest_step(work) == saved
+
+  results = run_pair("preempt", tmp_path, timeout=1500)
+  for r in results:
+    assert r["preempted_at"] is None
+    assert r["started"] == [
+      f"training from checkpoint step {saved}, step {saved} of {LONG}"
+    ]
+  assert checkpoint.latest_step(work) == LONG
+
+
+@pytest.mark.slow  # ~30 s on 2 loaded cores (a model export, compiles)
+def test_initial_state_from_init_from_is_replicated_on_the_mesh(tmp_path):
+  """``train.init_from`` params go onto the mesh from each process's own
+  host copy (``make_array_from_callback``: no cross-process comparison of
+  every leaf, as ``device_put`` of host data does), EMA copied."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from cdc_jax import checkpoint, testing, train
+  from cdc_jax.models.cdc import from_config
+  from cdc_jax.optim import make_optimizer
+  from configs import eps_linear
+
+  params = testing.export_tiny(str(tmp_path / "m"), "eps")
+  c = eps_linear.get_config("tiny")
+  c.unlock()
+  c.model.update(testing.TINY_MODELS["eps"])
+  c.train.ema.enabled = True
+  c.train.init_from = str(tmp_path / "m")
+  mesh = sharding.make_mesh()
+  manager = checkpoint.make_manager(str(tmp_path / "w"), 1, 10)
+  try:
+    state, origin = train.initial_state(
+      c, from_config(c.model), make_optimizer(c.train), manager, mesh
+    )
+  finally:
+    manager.close()
+  assert origin == c.train.init_from and int(state.step) == 0
+  replicated = NamedSharding(mesh, PartitionSpec())
+  assert all(x.sharding == replicated for x in jax.tree.leaves(state))
+  host = jax.device_get(state)
+  jax.tree.map(np.testing.assert_array_equal, host.params, params)
+  jax.tree.map(np.testing.assert_array_equal, host.ema_params, params)
 
 
 # -- plan: who starts what (no processes) --------------------------------------

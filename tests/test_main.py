@@ -76,3 +76,20 @@ def test_export_of_a_non_workdir_is_one_line(tmp_path):
   assert res.returncode == 2, res.stderr
   assert "Traceback" not in res.stderr, res.stderr
   assert "no 'model' section" in res.stderr
+
+
+def test_bucket_workdir_fails_fast_in_one_line(tmp_path):
+  res = _main(
+    "--config=configs/eps_linear.py:tiny",
+    "--workdir=gs://bucket/runs/eps",
+    tmp_path=tmp_path,
+  )
+  assert res.returncode == 2, res.stderr
+  assert "Traceback" not in res.stderr, res.stderr
+  errors = [ln for ln in res.stderr.splitlines() if "error" in ln.lower()]
+  assert len(errors) == 1, res.stderr
+  assert "gs://bucket/runs/eps" in errors[0] and "gcsfuse" in errors[0]
+  assert "launch/tpu_pod.sh" in errors[0]
+  # Nothing started: no runtime, no workdir (no local "gs:" folder).
+  assert not os.path.exists(os.path.join(REPO, "gs:"))
+  assert "process 0 of" not in res.stderr

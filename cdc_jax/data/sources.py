@@ -311,17 +311,29 @@ def make_source(config_data: Any) -> Source:
 
   Args:
     config_data: attribute-access config (e.g. ``ml_collections
-      .ConfigDict``) with ``name`` in {'embedded', 'folder', 'vimeo'},
-      ``path`` (needed by 'folder' and 'vimeo') and optionally ``split``
-      ('train' or 'test', Vimeo only).
+      .ConfigDict``) with ``name`` in {'embedded', 'folder', 'vimeo',
+      'tfds:<builder>'}, ``path`` (needed by 'folder' and 'vimeo'; the
+      TFDS data_dir, empty for TFDS's default), optionally ``split``
+      ('train' or 'test' for Vimeo; any TFDS split) and ``image_key``
+      (TFDS only, default 'image').
 
   Raises:
-    ValueError: unknown name or missing path.
+    ValueError: unknown name, missing path, or a TFDS dataset that cannot
+      be read (``tfds_source.TFDSError``).
   """
   name = getattr(config_data, "name", "embedded")
   path = getattr(config_data, "path", "") or ""
   if name == "embedded":
     return EmbeddedSource()
+  if name.startswith("tfds:"):
+    from cdc_jax.data.tfds_source import TFDSSource
+
+    return TFDSSource(
+      name.removeprefix("tfds:"),
+      getattr(config_data, "split", "train"),
+      path,
+      getattr(config_data, "image_key", "image"),
+    )
   if name in ("folder", "vimeo") and not path:
     example = (
       "/path/to/vimeo_septuplet" if name == "vimeo" else "/path/to/images"
@@ -334,5 +346,6 @@ def make_source(config_data: Any) -> Source:
   if name == "vimeo":
     return VimeoSeptupletSource(path, getattr(config_data, "split", "train"))
   raise ValueError(
-    f"unknown data source {name!r}; expected one of embedded, folder, vimeo"
+    f"unknown data source {name!r}; expected one of embedded, folder, "
+    "vimeo, tfds:<builder>"
   )

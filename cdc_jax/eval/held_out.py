@@ -1,11 +1,14 @@
-"""The embedded held-out photo: reconstructions logged during training and
-the end-of-run report through the real file codec.
+"""Held-out evaluation: the small set measured during training and the
+end-of-run report of the embedded held-out photo through the file codec.
 
 The photo (``data.sources.HELD_OUT``) is never in the training set of the
-embedded source. During training it is center-cropped to a multiple of the
-model's downsampling factor and reconstructed without entropy coding (the
-estimated bpp); the final report compresses the whole photo to a real
-``.cdcj`` file with the exported model and decodes it back.
+embedded source. During training the evaluation set (that photo, or the
+first few images of a folder, ``eval_images``) is center-cropped to one
+square side, a multiple of the model's downsampling factor, and
+reconstructed without entropy coding (``SetEvaluator``: the estimated
+bpp, PSNR, MS-SSIM where the crops are large enough, LPIPS with weights);
+the final report compresses the whole photo to a real ``.cdcj`` file
+with the exported model and decodes it back.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cdc_jax import codec
-from cdc_jax.data.sources import HELD_OUT, embedded_images
+from cdc_jax.data.sources import HELD_OUT, ImageFolderSource, embedded_images
 from cdc_jax.eval import baselines, metrics
 from cdc_jax.eval.metrics import psnr
-from cdc_jax.imageio import save_png, to_float, to_uint8, write_atomic
-from cdc_jax.sample import Sampler, initial_noise
+from cdc_jax.eval.ms_ssim import batch_ms_ssim, min_side
+from cdc_jax.imageio import load_image, save_png, write_atomic
+from cdc_jax.models.lpips import lpips_distance
+from cdc_jax.sample import initial_noise
 
 
 def held_out_image() -> np.ndarray:
@@ -40,14 +46,81 @@ def center_crop(img: np.ndarray, size: int, factor: int) -> np.ndarray:
   return img[top : top + s, left : left + s]
 
 
-def reconstruct(sampler: Sampler, params, img_u8, steps, gamma, seed=0):
-  """(reconstruction uint8, estimated bpp, PSNR) of one uint8 image whose
-  sides are multiples of the model's downsampling factor."""
-  x = jnp.asarray(to_float(img_u8))[None]
-  x_init = initial_noise(seed, x.shape, gamma)
-  rec, bpp = sampler.reconstruct(params, x, x_init, steps)
-  rec_u8 = to_uint8(rec[0])
-  return rec_u8, float(bpp[0]), psnr(img_u8, rec_u8)
+def eval_images(data: str = "", max_images: int = 4):
+  """The evaluation set as (name, uint8 [H, W, 3]): ``data`` empty -> the
+  held-out photo alone; else the first ``max_images`` images (sorted by
+  path) of the folder ``data``.
+
+  Raises:
+    ValueError: not a folder, no images, ``max_images`` < 1.
+    cdc_jax.imageio.ImageError: an image cannot be read.
+  """
+  if not data:
+    return [(HELD_OUT, held_out_image())]
+  if max_images < 1:
+    raise ValueError(f"eval.max_images={max_images} must be >= 1")
+  files = ImageFolderSource(data).files[:max_images]
+  return [(os.path.relpath(f, data), load_image(f)) for f in files]
+
+
+def crop_set(images, size: int, factor: int) -> np.ndarray:
+  """Central squares of one side for all ``images`` (one shape: one
+  compile): ``min(size, every image's shorter side)`` rounded down to a
+  multiple of ``factor``; uint8 [N, s, s, 3]."""
+  side = min([size] + [min(img.shape[:2]) for img in images])
+  side = side // factor * factor
+  if side <= 0:
+    raise ValueError(
+      f"eval crops: the smallest image side or eval.size ({size}) is under "
+      f"the model's downsampling factor {factor}"
+    )
+  return np.stack([center_crop(img, side, factor) for img in images])
+
+
+def _to_uint8(x):
+  """``imageio.to_uint8`` in jnp (traceable): clamp, scale, truncate."""
+  x = jnp.clip(jnp.nan_to_num(x.astype(jnp.float32)), -1.0, 1.0)
+  return jnp.clip((x + 1.0) * 0.5 * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
+
+
+class SetEvaluator:
+  """Reconstructs a fixed set of crops (no entropy coding: the model's
+  estimated bpp) and measures it, in one jitted call (one compile).
+
+  ``__call__(params) -> (means, first)``: ``means`` holds the per-image
+  averages of ``psnr`` (uint8, peak 255), ``bpp`` (estimated), ``ms_ssim``
+  (only when the crops' side is >= ``ms_ssim.min_side()``, 161 px) and
+  ``lpips`` (only with ``lpips_params``); ``first`` is the first crop's
+  reconstruction, uint8 [s, s, 3]. The initial noise is drawn once from
+  ``seed``, so successive evaluations differ only by the params.
+  """
+
+  def __init__(self, sampler, crops, steps, gamma, lpips_params=None, seed=0):
+    self.crops = np.asarray(crops, np.uint8)  # [N, s, s, 3]
+    self.steps = int(steps)
+    self.lpips_params = lpips_params
+    self.with_ms_ssim = self.crops.shape[1] >= min_side()
+    self._x_init = initial_noise(seed, self.crops.shape, gamma)
+    self._sampler = sampler
+    self._fn = jax.jit(self._measure)
+
+  def _measure(self, params, lpips_params, img_u8, x_init):
+    x = img_u8.astype(jnp.float32) / 255.0 * 2.0 - 1.0
+    rec, bpp = self._sampler.reconstruct(params, x, x_init, self.steps)
+    rec_u8 = _to_uint8(rec)
+    out = {"psnr": metrics.batch_psnr(img_u8, rec_u8), "bpp": bpp}
+    if self.with_ms_ssim:
+      out["ms_ssim"] = batch_ms_ssim(img_u8, rec_u8)
+    if lpips_params is not None:
+      y = rec_u8.astype(jnp.float32) / 255.0 * 2.0 - 1.0
+      out["lpips"] = lpips_distance(lpips_params, x, y)
+    return {k: jnp.mean(v) for k, v in out.items()}, rec_u8[0]
+
+  def __call__(self, params) -> tuple[dict, np.ndarray]:
+    means, first = jax.device_get(
+      self._fn(params, self.lpips_params, self.crops, self._x_init)
+    )
+    return {k: float(v) for k, v in means.items()}, np.asarray(first)
 
 
 def report(model_path: str, out_dir: str, steps: int, gamma: float) -> dict:

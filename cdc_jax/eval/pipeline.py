@@ -4,17 +4,37 @@ the report folder.
 ``OUT/`` receives ``per_image.{csv,json}``, ``summary.{csv,json}``,
 ``rd_<metric>.png`` for every metric measured, ``bd_rate.json`` (against
 the anchor), ``grids/<image>.png`` (original | CDC | each baseline at the
-nearest bpp) and, with ``save_reconstructions``, the decoded PNGs.
+nearest bpp; written as each image is done) and, with
+``save_reconstructions``, the decoded PNGs.
+
+LPIPS (column ``lpips``, lower is better, and ``rd_lpips.png``) is
+measured for every row when ``Options.lpips_weights`` names an LPIPS
+``.npz`` (or a scorer is passed); without one there is no LPIPS column
+and ``LPIPS_HINT`` says how to get it.
+
+FID and KID are measured when ``Options.inception_weights`` names the FID
+InceptionV3 weights (``.npz`` or ``.pth``; or an extractor is passed):
+dataset-level numbers, one per CDC (model, S, gamma) and per baseline
+quality-sweep point, between the patches (HiFiC / MS-ILLM protocol,
+``cdc_jax.eval.fid``) of the originals and of the reconstructions. They
+are summary columns (``fid``, ``kid``, ``kid_std``, ``fid_patches``), not
+per-image ones, and feed ``rd_fid.png`` and the FID BD-rate;
+``fid_kid.json`` has the protocol, the patch counts and a note on how far
+the numbers can be trusted. The baselines' "at CDC bpp" rows get none:
+their quality differs from image to image, so they are no one setting.
+Features are accumulated as images are decoded; reconstructions are not
+kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 from cdc_jax import codec
-from cdc_jax.eval import baselines, report, runner
+from cdc_jax.eval import baselines, fid, report, runner
 from cdc_jax.imageio import write_atomic
 
 
@@ -30,6 +50,69 @@ class Options:
   save_reconstructions: bool = False
   progress: bool = True
   title: str = ""
+  lpips_weights: str = ""  # LPIPS .npz; empty: no LPIPS column
+  lpips_net: str = ""  # "vgg" or "alex"; empty: read from the file
+  inception_weights: str = ""  # FID Inception .npz/.pth; empty: no FID
+  kid_subset_size: int = 1000  # clipped to the number of patches
+  shifted_patches: bool = True  # the protocol's half-shifted second pass
+  fid_batch: int = 32  # patches per Inception call
+  fid_patch: int = fid.PATCH  # the protocol's 256 (smaller: tests only)
+  qualities: tuple[int, ...] = ()  # baselines' grid; empty: per codec
+  kid_subsets: int = 100
+
+
+LPIPS_HINT = (
+  "LPIPS: not measured; pass --lpips-weights FILE.npz (the lpips_vgg.npz "
+  "that python -m cdc_jax.convert writes for a rho > 0 checkpoint, or one "
+  "written by python -m cdc_jax.convert.lpips_cli)"
+)
+
+
+def lpips_of(opts: Options):
+  """The LPIPS scorer of ``opts.lpips_weights`` (None when unset)."""
+  if not opts.lpips_weights:
+    return None
+  return runner.load_lpips(opts.lpips_weights, opts.lpips_net or None)
+
+
+def fid_hint() -> str:
+  """The line printed when FID/KID were not measured."""
+  return (
+    "FID/KID: not measured; pass --inception-weights FILE (.npz or .pth; "
+    f"eval.inception_weights in the main job's config): {fid.fetch_hint()}"
+  )
+
+
+# Under the feature dimension the covariance is rank-deficient; the field
+# reports FID on thousands of patches (CLIC2020, DIV2K, COCO).
+FEW_PATCHES = 2048
+
+
+def check(opts: Options) -> None:
+  """Raises ValueError (one line naming the flag) for options that would
+  fail only after decoding has begun."""
+  if opts.kid_subset_size < 2:
+    raise ValueError(
+      f"--kid-subset-size must be >= 2, got {opts.kid_subset_size}"
+    )
+  if opts.fid_batch < 1:
+    raise ValueError(f"--fid-batch must be >= 1, got {opts.fid_batch}")
+  for c in opts.baselines:
+    lo, hi = baselines.quality_range(c)  # also rejects unknown codecs
+    bad = [q for q in opts.qualities if not lo <= q <= hi]
+    if bad:
+      raise ValueError(
+        f"--qualities {bad}: outside {c}'s quality range [{lo}, {hi}]"
+      )
+
+
+def inception_of(opts: Options):
+  """The FID extractor of ``opts.inception_weights`` (None when unset).
+  Raises ``InceptionWeightsError`` (a ValueError, one line: the file and
+  where to get it)."""
+  if not opts.inception_weights:
+    return None
+  return fid.load_inception(opts.inception_weights)
 
 
 def _settings(cm, opts: Options) -> list[tuple[int, float]]:
@@ -37,85 +120,177 @@ def _settings(cm, opts: Options) -> list[tuple[int, float]]:
   return [(s, g) for s in steps for g in opts.gammas]
 
 
-def measure(models: dict, images, opts: Options, out: str, lpips_fn=None):
-  """All rows, and per image the grid's panels (first model, setting)."""
+def measure(
+  models: dict, images, opts: Options, out: str, lpips_fn=None, extractor=None
+):
+  """All rows, the grids written (first model and setting) and, with an
+  extractor, the patch features: key -> [N, d] (``runner.ORIGINALS``
+  and each (codec, setting) that gets FID); None without one."""
   usable = [
     c for c in opts.baselines if baselines.unavailable_reason(c) is None
   ]
-  recon_dir = os.path.join(out, "reconstructions")
+  recon_dir = None
   if opts.save_reconstructions:
+    recon_dir = os.path.join(out, "reconstructions")
     os.makedirs(recon_dir, exist_ok=True)
-  rows, panels = [], {}
+  feats, sink = None, None
+  if extractor is not None:
+    feats = runner.PatchFeatures(
+      extractor, opts.fid_batch, opts.fid_patch, opts.shifted_patches
+    )
+    sink = feats.add_row
+  rows, grids = [], []
   for name, img in runner.progress(images, None, "images", opts.progress):
+    if feats is not None:
+      feats.add(runner.ORIGINALS, img)
     first = None
     for label, cm in models.items():
       r, recs = runner.cdc_rows(
-        cm,
-        label,
-        name,
-        img,
-        _settings(cm, opts),
-        lpips_fn,
-        recon_dir if opts.save_reconstructions else None,
+        cm, label, name, img, _settings(cm, opts), lpips_fn, recon_dir
       )
+      if sink is not None:
+        for row, rec in zip(r, recs, strict=True):
+          sink(row, rec)
       rows += r
       first = first or (r[0], recs[0])
-    rows += runner.baseline_rows(name, img, usable, lpips_fn)
+    rows += runner.baseline_rows(
+      name, img, usable, lpips_fn, opts.qualities, sink
+    )
     near = runner.nearest_rows(name, img, usable, first[0]["bpp"], lpips_fn)
     rows += near
-    panels[name] = (img, first[1], near)
-  return rows, panels
+    grids.append(_grid(out, name, img, first[1], near))
+  return rows, grids, None if feats is None else feats.features()
 
 
-def _grids(out: str, panels: dict) -> list[str]:
+def _grid(out: str, name: str, img, rec, near: list[dict]) -> str:
   """original | CDC (first model and setting) | baselines at its bpp."""
   grid_dir = os.path.join(out, "grids")
   os.makedirs(grid_dir, exist_ok=True)
-  paths = []
-  for name, (img, rec, near) in panels.items():
-    parts = [img, rec]
-    for r in near:
-      c = r["codec"].split()[0]
-      parts.append(baselines.decode(baselines.encode(img, c, r["quality"])))
-    stem = os.path.splitext(name.replace(os.sep, "_"))[0]
-    paths.append(report.grid(os.path.join(grid_dir, f"{stem}.png"), parts))
-  return paths
+  parts = [img, rec]
+  for r in near:
+    c = r["codec"].split()[0]
+    parts.append(baselines.decode(baselines.encode(img, c, r["quality"])))
+  stem = os.path.splitext(name.replace(os.sep, "_"))[0]
+  return report.grid(os.path.join(grid_dir, f"{stem}.png"), parts)
 
 
-def write_report(out: str, rows: list[dict], opts: Options) -> dict:
-  """Tables, plots and BD-rates of ``rows`` into ``out``."""
+def write_report(
+  out: str, rows: list[dict], opts: Options, dataset: dict | None = None
+) -> dict:
+  """Tables, plots and BD-rates of ``rows`` into ``out``; ``dataset``
+  (``runner.fid_kid``) adds FID/KID to the summary rows of its keys."""
   report.write_rows(rows, os.path.join(out, "per_image"))
   summary = report.summarize(rows)
+  report.add_dataset_metrics(summary, dataset or {})
   report.write_rows(summary, os.path.join(out, "summary"))
   refs = []
   if opts.references:
     refs = report.read_reference_points(opts.references)
   plots, bd = [], {}
   for metric in report.METRICS:
+    if not any(metric in r for r in summary):
+      continue
     path = os.path.join(out, f"rd_{metric}.png")
     if report.rd_plot(summary, metric, path, refs, opts.title):
       plots.append(path)
-    if any(metric in r for r in summary):
-      bd[metric] = report.bd_rates(summary, metric, opts.anchor)
+    rates = report.bd_rates(summary, metric, opts.anchor)
+    # No overlap gives NaN: null in the JSON, as None does.
+    bd[metric] = {
+      c: v if v is not None and math.isfinite(v) else None
+      for c, v in rates.items()
+    }
   payload = json.dumps({"anchor": opts.anchor, "bd_rate_percent": bd}, indent=2)
   write_atomic(os.path.join(out, "bd_rate.json"), payload.encode())
   return {"summary": summary, "plots": plots, "bd_rate": bd}
 
 
-def evaluate(models: dict, images, out: str, opts: Options, lpips_fn=None):
-  """Runs everything; returns the summary rows and the written paths."""
+def evaluate(
+  models: dict, images, out: str, opts: Options, lpips_fn=None, extractor=None
+):
+  """Runs everything; returns the summary rows and the written paths.
+
+  ``lpips_fn`` (``runner.lpips_scorer``) overrides ``opts.lpips_weights``
+  and ``extractor`` (``fid.Extractor`` or a stand-in) overrides
+  ``opts.inception_weights``; weights are loaded before any decoding, so
+  a bad file fails at once (``LPIPSWeightsError``,
+  ``InceptionWeightsError``: one line). With FID, ``result["fid"]`` is
+  what ``fid_kid.json`` holds and ``result["fid_features"]`` the
+  features (``runner.ORIGINALS`` and (codec, setting) -> [N, d]).
+  """
+  check(opts)
+  lpips_fn = lpips_fn or lpips_of(opts)
+  extractor = extractor or inception_of(opts)
   os.makedirs(out, exist_ok=True)
-  rows, panels = measure(models, images, opts, out, lpips_fn)
+  rows, grids, feats = measure(models, images, opts, out, lpips_fn, extractor)
   if not rows:
     raise ValueError("no image was evaluated")
-  result = write_report(out, rows, opts)
-  result["grids"] = _grids(out, panels)
+  dataset = None
+  if feats is not None:
+    dataset = runner.fid_kid(
+      feats,
+      runner.ORIGINALS,
+      opts.kid_subset_size,
+      opts.kid_subsets,
+      bar=opts.progress,
+    )
+  result = write_report(out, rows, opts, dataset)
+  result["grids"] = grids
   result["rows"] = rows
+  if feats is not None:
+    result["fid"] = _fid_info(feats, dataset, opts)
+    payload = json.dumps(result["fid"], indent=1).encode()
+    write_atomic(os.path.join(out, "fid_kid.json"), payload)
+    result["fid_features"] = feats
   return result
 
 
+def _fid_info(feats: dict, dataset: dict, opts: Options) -> dict:
+  """The protocol, patch counts, note and per-setting FID/KID."""
+  n = len(feats[runner.ORIGINALS])
+  size = opts.fid_patch
+  tiling = f"{size}x{size} tiles at stride {size}"
+  if opts.shifted_patches:
+    tiling += f", plus the same tiling shifted by {size // 2} px"
+  return {
+    "protocol": f"HiFiC / MS-ILLM patches: {tiling}; InceptionV3 pool3",
+    "original_patches": n,
+    "kid_subsets": opts.kid_subsets,
+    "kid_subset_size": min(opts.kid_subset_size, n),
+    "note": fid_note(n, size),
+    "settings": [  # NaN (too few patches) as null
+      {"codec": c, "setting": s}
+      | {k: None if math.isnan(x) else x for k, x in v.items()}
+      for (c, s), v in dataset.items()
+    ],
+  }
+
+
+def fid_note(patches: int, size: int = fid.PATCH) -> str:
+  """How far FID/KID on ``patches`` patches per setting can be trusted."""
+  if patches < 2:
+    return (
+      f"FID/KID: NaN, {patches} patch(es) per setting; the covariance "
+      f"needs at least 2 (images of >= {size} px on both sides)"
+    )
+  if patches < FEW_PATCHES:
+    return (
+      f"FID/KID on {patches} patches per setting: not meaningful (fewer "
+      f"than the {FEW_PATCHES} feature dimensions; the field uses "
+      "thousands of patches: CLIC2020, DIV2K, COCO)"
+    )
+  return f"FID/KID on {patches} patches per setting"
+
+
+def fid_lines(result: dict) -> list[str]:
+  """What to print about FID/KID: the note, or how to get them."""
+  if "fid" not in result:
+    return [fid_hint()]
+  return [result["fid"]["note"]]
+
+
 def cdc_vs_baseline(rows: list[dict]) -> list[str]:
-  """One line per image: CDC's first setting vs each baseline at its bpp."""
+  """One line per image: CDC's first setting vs each baseline at its bpp;
+  ``LPIPS_HINT`` last when no row has LPIPS."""
   lines = []
   by_image: dict[str, list[dict]] = {}
   for r in rows:
@@ -128,6 +303,8 @@ def cdc_vs_baseline(rows: list[dict]) -> list[str]:
         lines.append(
           f"  {r['codec'].split()[0]:>5} q{r['quality']}: {_describe(r)}"
         )
+  if not any("lpips" in r for r in rows):
+    lines.append(LPIPS_HINT)
   return lines
 
 

@@ -4,7 +4,10 @@ rate-distortion plots, BD-rates and side-by-side grids.
 A row is a flat dict with at least ``codec``, ``setting``, ``image``,
 ``bpp`` and metric columns (``psnr``, ``ms_ssim_db``, ``lpips``, ...).
 Every metric is averaged per image within one (codec, setting), as
-CompressAI does; bpp is the real file size (header included).
+CompressAI does; bpp is the real file size (header included). FID and
+KID are dataset-level: ``add_dataset_metrics`` puts them on the summary
+rows. JSON files write non-finite numbers (a NaN FID, an infinite PSNR)
+as null.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def write_rows(rows: list[dict], path_stem: str) -> tuple[str, str]:
   writer.writeheader()
   writer.writerows(rows)
   write_atomic(path_stem + ".csv", buf.getvalue().encode())
-  payload = json.dumps(rows, indent=1, default=_json_value).encode()
+  clean = [{k: _finite_or_none(v) for k, v in r.items()} for r in rows]
+  payload = json.dumps(clean, indent=1, default=_json_value).encode()
   write_atomic(path_stem + ".json", payload)
   return path_stem + ".csv", path_stem + ".json"
 
@@ -44,6 +48,12 @@ def write_rows(rows: list[dict], path_stem: str) -> tuple[str, str]:
 def _column_order(name: str):
   first = ["dataset", "codec", "setting", "image", "height", "width"]
   return (first.index(name), "") if name in first else (len(first), name)
+
+
+def _finite_or_none(v):
+  if _is_number(v) and not math.isfinite(v):
+    return None
+  return v
 
 
 def _json_value(v):
@@ -69,12 +79,24 @@ def summarize(rows: list[dict]) -> list[dict]:
   return sorted(out, key=lambda r: (r["codec"], r.get("bpp", 0.0)))
 
 
+def add_dataset_metrics(summary: list[dict], dataset: dict) -> list[dict]:
+  """Adds ``dataset[(codec, setting)]`` (e.g. ``{"fid": ..., "kid":
+  ...}``) to the summary row of that codec and setting, in place."""
+  for row in summary:
+    row.update(dataset.get((row["codec"], str(row["setting"])), {}))
+  return summary
+
+
 def _is_number(v) -> bool:
   return isinstance(v, int | float | np.number) and not isinstance(v, bool)
 
 
-def summary_table(summary: list[dict], metrics=("psnr", "ms_ssim_db")) -> str:
-  """A fixed-width text table of the summary (what the CLI prints)."""
+def summary_table(
+  summary: list[dict], metrics=("psnr", "ms_ssim_db", "lpips", "fid", "kid")
+) -> str:
+  """A fixed-width text table of the summary (what the CLI prints); a
+  metric column appears when some row has it. Numbers under 0.01 (KID)
+  are printed in exponent form."""
   cols = ["codec", "setting", "images", "bpp"] + [
     m for m in metrics if any(m in r for r in summary)
   ]
@@ -83,9 +105,17 @@ def summary_table(summary: list[dict], metrics=("psnr", "ms_ssim_db")) -> str:
     cells = []
     for c in cols:
       v = r.get(c, "")
-      cells.append(f"{v:12.4f}" if isinstance(v, float) else f"{v!s:>12}")
+      cells.append(_cell(v))
     lines.append("  ".join(cells))
   return "\n".join(lines)
+
+
+def _cell(v) -> str:
+  if not isinstance(v, float):
+    return f"{v!s:>12}"
+  if v != 0 and abs(v) < 0.01:
+    return f"{v:12.3e}"
+  return f"{v:12.4f}"
 
 
 def curves(summary: list[dict], metric: str) -> dict[str, tuple]:

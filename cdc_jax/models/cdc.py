@@ -17,6 +17,15 @@ cosine T=8193, min(SNR,5)-weighted L2 on x0). The param tree is
 settings (config sections and ``model.json`` hold lists, the module
 tuples). The geometry (``downsampling_factor``, ``latent_shapes``) is the
 model's, so callers never hard-code 16 or 64.
+
+Precision and memory (compute settings, not part of the model: params are
+float32 and identical whatever they are): ``dtype`` "bfloat16" runs g_a,
+g_s and the U-Net in bf16 (mixed precision; the hyperprior, entropy models
+and rate stay float32, see ``context_model``); ``with_dtype`` makes the
+decoding model of another precision. bf16 decoding is close to, not
+bit-identical with, float32 decoding. ``remat`` recomputes the U-Net
+blocks' activations in the backward pass; ``to_config`` leaves it out of
+``model.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ from cdc_jax.models.context_model import ContextModel
 from cdc_jax.models.unet import Unet
 
 FAMILIES = ("eps", "x")
+DTYPES = ("float32", "bfloat16")  # compute dtypes; params are float32
+# Training-only settings that model.json does not record.
+_COMPUTE_ONLY = ("remat",)
 
 
 class CDC(nn.Module):
@@ -44,12 +56,13 @@ class CDC(nn.Module):
   hyper_dims_mults: Sequence[int] = (4, 4, 4)
   context_channels: int = 3
   channels: int = 3
-  dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype, one of DTYPES
+  remat: bool = False  # rematerialise the U-Net blocks (training memory)
 
   def setup(self):
     if self.family not in FAMILIES:
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-    dt = jnp.dtype(self.dtype)
+    dt = _compute_dtype(self.dtype)
     if self.family == "x":
       if self.reverse_context_dim_mults is None:
         raise ValueError("the x family needs reverse_context_dim_mults")
@@ -74,6 +87,7 @@ class CDC(nn.Module):
       channels=self.channels,
       context_channels=self.context_channels,
       dtype=dt,
+      remat=bool(self.remat),
     )
 
   # -- geometry (plain attributes: usable on an unbound module) --------------
@@ -150,6 +164,27 @@ class CDC(nn.Module):
     return self.context_fn.z_logits_cdf(u)
 
 
+def _compute_dtype(name) -> jnp.dtype:
+  try:
+    dt = jnp.dtype(name)
+  except TypeError:
+    dt = None
+  if dt is None or dt.name not in DTYPES:
+    raise ValueError(f"model dtype must be one of {DTYPES}, got {name!r}")
+  return dt
+
+
+def with_dtype(model: CDC, dtype: str) -> CDC:
+  """``model`` computing in ``dtype`` ("float32" or "bfloat16").
+
+  Same params (always float32), e.g. a bf16 decoding model::
+
+    half = with_dtype(model, "bfloat16")
+    half.apply({"params": params}, x_t, t, context, method=CDC.denoise)
+  """
+  return model.clone(dtype=_compute_dtype(dtype).name)
+
+
 def init_params(model: CDC, rng):
   """Fresh params of ``model`` (jit it, or ``jax.eval_shape`` for shapes)."""
   side = model.downsampling_factor
@@ -166,8 +201,16 @@ def from_config(config: Mapping) -> CDC:
 
 
 def to_config(config: Mapping) -> dict:
-  """A model config (section, dict or ``CDC``) as plain JSON values."""
+  """A model config (section, dict or ``CDC``) as plain JSON values.
+
+  Training-only compute settings (``remat``) are left out: they change
+  neither the params nor the outputs.
+  """
   if isinstance(config, CDC):
     names = [f for f in CDC.__dataclass_fields__ if f not in ("parent", "name")]
     config = {k: getattr(config, k) for k in names}
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+  return {
+    k: list(v) if isinstance(v, tuple) else v
+    for k, v in config.items()
+    if k not in _COMPUTE_ONLY
+  }

@@ -15,6 +15,12 @@ torch ModuleLists hold an Identity "VBR slot" at index 1, so Down/Upsample
 sit at index 2) and ``ResnetCompressor`` (x; ``reverse_dim_mults`` given,
 Down/Upsample at index 1). Submodule names mirror the torch keys with "."
 replaced by "_" (``enc.0.2.conv`` -> ``enc_0_2/conv``).
+
+Precision: ``dtype`` is the compute dtype of g_a and g_s only. The
+hyperprior transforms h_a and h_s, the entropy models, the likelihoods and
+the rate always run in float32 (they are cheap, at 1/16 and 1/64 of the
+resolution), so the coded symbols and the coding tables' scale indices do
+not depend on the precision the decoder runs in; y leaves g_a as float32.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ class ContextModel(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    d, dt = self.dim, self.dtype
+    d, dt, f32 = self.dim, self.dtype, jnp.float32
     dims = [self.channels, *(d * m for m in self.dim_mults)]
     # eps (BigCompressor) keeps an Identity at index 1 of each ModuleList.
     slot = "2" if self.reverse_dim_mults is None else "1"
@@ -88,15 +94,15 @@ class ContextModel(nn.Module):
     hyper_enc = []
     for i, dout in enumerate(hdims[1:]):
       k, s, p = (3, 1, 1) if i == 0 else (5, 2, 2)
-      hyper_enc.append({"0": layers.Conv(dout, k, s, p, dtype=dt)})
+      hyper_enc.append({"0": layers.Conv(dout, k, s, p, dtype=f32)})
     self.hyper_enc = hyper_enc
 
     hyper_dec = []
     for i, dout in enumerate(rhdims[1:]):
       if i == len(rhdims) - 2:
-        mod = layers.Conv(dout, 3, 1, 1, dtype=dt)
+        mod = layers.Conv(dout, 3, 1, 1, dtype=f32)
       else:
-        mod = layers.ConvTranspose(dout, 5, 2, 2, output_padding=1, dtype=dt)
+        mod = layers.ConvTranspose(dout, 5, 2, 2, output_padding=1, dtype=f32)
       hyper_dec.append({"0": mod})
     self.hyper_dec = hyper_dec
 

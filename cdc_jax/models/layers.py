@@ -6,9 +6,13 @@ transposed convolutions reproduce ``torch.nn.ConvTranspose2d`` exactly, so
 released PyTorch weights drop in through one mechanical table
 (``cdc_jax.convert``).
 
-Parameters are float32. ``dtype`` is the compute dtype of convolutions and
-matmuls (``jnp.bfloat16`` for mixed precision on accelerators); norms,
-softmax and the time MLP's GELU input stay in float32.
+Parameters are float32 whatever the compute dtype. ``dtype`` is the
+compute dtype of convolutions, dense layers and the attention matmuls
+(``jnp.bfloat16`` for mixed precision on accelerators): inputs and kernels
+are cast to it, and activations between layers are stored in it. The
+LayerNorm statistics, the attention softmax and its context sum (the
+reduction over all positions) are computed in float32. With float32 every
+cast is a no-op, so float32 results do not depend on this plumbing.
 
 Initialisers follow PyTorch's defaults (uniform in +-1/sqrt(fan_in) for
 weights and biases), which only matter when training from scratch.
@@ -198,7 +202,10 @@ class LinearAttention(nn.Module):
     q, k, v = jnp.split(qkv, 3, axis=-1)  # [B, N, C] each
     q = q * (c**-0.5)
     k = jax.nn.softmax(k.astype(jnp.float32), axis=1).astype(self.dtype)
-    context = jnp.einsum("bnd,bne->bde", k, v)  # [B, C, C]
+    # The sum over all N positions accumulates in float32.
+    context = jnp.einsum(
+      "bnd,bne->bde", k, v, preferred_element_type=jnp.float32
+    ).astype(self.dtype)  # [B, C, C]
     out = jnp.einsum("bde,bnd->bne", context, q).reshape(b, h, w, c)
     out = Conv(c, 1, dtype=self.dtype, name="to_out")(out)
     return x + out.astype(x.dtype)

@@ -10,6 +10,13 @@ Data flow for the released configs (dim 64, mults 1..6, 4 context maps)::
   up j = 0..4:     x = concat(x, h_{5-j}); Resnet; Resnet; Attn; Upsample
   out:             LayerNorm -> Conv 7x7 -> [B,H,W,3]   (h_0 is never used)
 
+Mixed precision: with ``dtype=bfloat16`` the blocks compute in bf16 (see
+``layers``); the time MLP and the LayerNorm statistics stay float32 and the
+output is cast back to float32, so the diffusion loss and the DDIM update
+never see bf16. ``remat=True`` wraps every ResnetBlock and attention block
+in ``nn.remat``: their activations are recomputed in the backward pass
+instead of stored (same params, same values, less memory, more FLOPs).
+
 Submodule names mirror torch (``downs.0.2.fn.fn.to_qkv`` ->
 ``downs_0_2/to_qkv``; ``final_conv.0`` -> ``final_conv_0``).
 """
@@ -35,11 +42,15 @@ class Unet(nn.Module):
   context_channels: int = 3
   out_dim: int | None = None
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, time, context):
     """x [B,H,W,C], time [B,1] float, context: list of NHWC maps."""
     d, dt = self.dim, self.dtype
+    resnet, attn = layers.ResnetBlock, layers.LinearAttention
+    if self.remat:
+      resnet, attn = nn.remat(resnet), nn.remat(attn)
     dims = [self.channels, *(d * m for m in self.dim_mults)]
     in_out = list(zip(dims[:-1], dims[1:], strict=True))
     n_levels = len(in_out)
@@ -56,25 +67,23 @@ class Unet(nn.Module):
     for lvl, (_, dout) in enumerate(in_out):
       if lvl < n_ctx:
         x = jnp.concatenate([x, context[lvl].astype(dt)], axis=-1)
-      x = layers.ResnetBlock(
-        dout, large=lvl == 0, dtype=dt, name=f"downs_{lvl}_0"
-      )(x, temb)
-      x = layers.ResnetBlock(dout, dtype=dt, name=f"downs_{lvl}_1")(x, temb)
-      x = layers.LinearAttention(dtype=dt, name=f"downs_{lvl}_2")(x)
+      x = resnet(dout, large=lvl == 0, dtype=dt, name=f"downs_{lvl}_0")(x, temb)
+      x = resnet(dout, dtype=dt, name=f"downs_{lvl}_1")(x, temb)
+      x = attn(dtype=dt, name=f"downs_{lvl}_2")(x)
       skips.append(x)
       if lvl < n_levels - 1:
         x = layers.Downsample(dout, dtype=dt, name=f"downs_{lvl}_3")(x)
 
     mid = dims[-1]
-    x = layers.ResnetBlock(mid, dtype=dt, name="mid_block1")(x, temb)
-    x = layers.LinearAttention(dtype=dt, name="mid_attn")(x)
-    x = layers.ResnetBlock(mid, dtype=dt, name="mid_block2")(x, temb)
+    x = resnet(mid, dtype=dt, name="mid_block1")(x, temb)
+    x = attn(dtype=dt, name="mid_attn")(x)
+    x = resnet(mid, dtype=dt, name="mid_block2")(x, temb)
 
     for j, (din, _) in enumerate(reversed(in_out[1:])):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = layers.ResnetBlock(din, dtype=dt, name=f"ups_{j}_0")(x, temb)
-      x = layers.ResnetBlock(din, dtype=dt, name=f"ups_{j}_1")(x, temb)
-      x = layers.LinearAttention(dtype=dt, name=f"ups_{j}_2")(x)
+      x = resnet(din, dtype=dt, name=f"ups_{j}_0")(x, temb)
+      x = resnet(din, dtype=dt, name=f"ups_{j}_1")(x, temb)
+      x = attn(dtype=dt, name=f"ups_{j}_2")(x)
       # The original's is_last test never fires: every up stage upsamples.
       x = layers.Upsample(din, dtype=dt, name=f"ups_{j}_3")(x)
 
