@@ -38,8 +38,8 @@ import math
 import jax
 import numpy as np
 
-from cdc_jax.codec import limits
 from cdc_jax.codec.errors import CodecError
+from cdc_jax.codec.limits import fmt_bytes, memory_budget
 from cdc_jax.models.cdc import CDC
 from cdc_jax.models.entropy import quantize
 
@@ -102,7 +102,7 @@ def analysis_tile(
   the largest square of at most ``ANALYSIS_TILE`` pixels whose estimate
   fits; if not even the smallest does, a CodecError for an explicit
   ``max_memory``, else (the memory available now) the smallest."""
-  budget, what = limits.memory_budget(max_memory)
+  budget, what = memory_budget(max_memory)
   if not tiled and (
     budget is None or encode_memory(model, height, width) <= budget
   ):
@@ -115,8 +115,8 @@ def analysis_tile(
   if max_memory is None:  # best effort within what is free now
     return fy, fy
   raise CodecError(
-    f"encoding {width}x{height} needs about {limits.fmt_bytes(need)} even "
-    f"in {fy}x{fy} tiles, more than {what} ({limits.fmt_bytes(budget)}; "
+    f"encoding {width}x{height} needs about {fmt_bytes(need)} even "
+    f"in {fy}x{fy} tiles, more than {what} ({fmt_bytes(budget)}; "
     "set the budget with --max-memory, or max_memory= in the API)"
   )
 

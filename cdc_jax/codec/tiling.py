@@ -56,8 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdc_jax import diffusion
-from cdc_jax.codec import limits
 from cdc_jax.codec.errors import CodecError
+from cdc_jax.codec.limits import (
+  decode_memory,
+  fmt_bytes,
+  memory_budget,
+  tile_problem,
+)
 from cdc_jax.models.cdc import CDC
 
 CONTEXT_MARGIN = 6  # latent pixels of y_hat around a tile for g_s
@@ -200,15 +205,15 @@ def plan(
   if overlap is None:
     overlap = default_overlap(min(th, tw), model.y_factor)
   layout = Layout(int(th), int(tw), int(overlap))
-  problem = limits.tile_problem(model, *layout.tile, layout.overlap)
+  problem = tile_problem(model, *layout.tile, layout.overlap)
   if problem:
     raise CodecError(f"tiles {tw}x{th}, overlap {overlap}: {problem}")
   return layout
 
 
 def _auto(model, height, width, overlap, max_memory) -> Layout | None:
-  budget, what = limits.memory_budget(max_memory)
-  if budget is None or limits.decode_memory(model, height, width) <= budget:
+  budget, what = memory_budget(max_memory)
+  if budget is None or decode_memory(model, height, width) <= budget:
     return None
   f = model.downsampling_factor
   hp, wp = (math.ceil(v / f) * f for v in (height, width))
@@ -219,7 +224,7 @@ def _auto(model, height, width, overlap, max_memory) -> Layout | None:
       if th * tw > AUTO_TILE**2:
         continue
       layout = plan(model, height, width, (th, tw), o)
-      need = limits.decode_memory(model, height, width, tile=layout.tile)
+      need = decode_memory(model, height, width, tile=layout.tile)
       g = grid(layout, hp, wp, model.y_factor)
       key = (len(g) * g.th * g.tw, -g.th * g.tw)
       if need <= budget and (best is None or key < best[0]):
@@ -228,12 +233,12 @@ def _auto(model, height, width, overlap, max_memory) -> Layout | None:
     return best[1]
   for side in range(min(AUTO_TILE, 2 * o) // f * f, f - 1, -f):
     layout = plan(model, height, width, side, overlap)
-    need = limits.decode_memory(model, height, width, tile=layout.tile)
+    need = decode_memory(model, height, width, tile=layout.tile)
     if need <= budget:
       return layout
   raise CodecError(
-    f"decoding {width}x{height} needs about {limits.fmt_bytes(need)} even "
-    f"in {f}x{f} tiles, more than {what} ({limits.fmt_bytes(budget)}; set "
+    f"decoding {width}x{height} needs about {fmt_bytes(need)} even "
+    f"in {f}x{f} tiles, more than {what} ({fmt_bytes(budget)}; set "
     "the budget with --max-memory, or max_memory= in the API)"
   )
 
