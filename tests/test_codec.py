@@ -46,6 +46,26 @@ def x_cm(tmp_path_factory):
   return _load_tiny(tmp_path_factory, "x")
 
 
+def test_loading_a_model_compiles_nothing(tmp_path):
+  """The params go to the device in one transfer: no program per shape."""
+  path = str(tmp_path / "eps")
+  testing.export_tiny(path, "eps")
+  compiled = []
+
+  def on_event(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    cm = codec.load(path)
+    jax.block_until_ready(cm.params)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  assert compiled == []
+  assert all(isinstance(p, jax.Array) for p in jax.tree.leaves(cm.params))
+
+
 def _cm(request, family):
   return request.getfixturevalue(f"{family}_cm")
 

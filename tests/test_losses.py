@@ -66,7 +66,7 @@ def _setup(family: str, t):
     ),
     jnp.float32(LAM),
   )
-  return jax.tree.map(jnp.asarray, random_params(model)), args
+  return jax.device_put(random_params(model)), args
 
 
 @pytest.fixture(scope="module")

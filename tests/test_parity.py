@@ -233,7 +233,7 @@ def parity(request, tmp_path_factory):
   loaded = model_dir.load(str(tmp / "model"))
   assert loaded.diffusion_config == infer.RELEASE_DIFFUSION[family]
   model = from_config(loaded.model_config)
-  params = jax.tree.map(jnp.asarray, loaded.params)
+  params = jax.device_put(loaded.params)
   dcfg = loaded.diffusion_config
   sched = diffusion.make_schedule(dcfg["schedule"], dcfg["timesteps"])
   sampler = Sampler(model, sched)

@@ -62,7 +62,7 @@ def _our_grads(model_path: str, inputs: dict):
       jnp.float32(LAGRANGIAN),
     )
 
-  params = jax.tree.map(jnp.asarray, loaded.params)
+  params = jax.device_put(loaded.params)
   grads, aux = grad_fn(params, *loss_grads.injected(inputs))
   return loss_grads.torch_named(grads, loaded), jax.tree.map(float, aux)
 

@@ -110,8 +110,8 @@ def _ours(path: str, inputs: dict):
     return grad(params, jnp.zeros_like(x0), *args)
 
   (grads, g_pred), (metrics, pred) = grad_fn(
-    jax.tree.map(jnp.asarray, loaded.params),
-    jax.tree.map(jnp.asarray, vgg),
+    jax.device_put(loaded.params),
+    jax.device_put(vgg),
     *loss_grads.injected(inputs),
     masks,
   )

@@ -130,7 +130,9 @@ def from_loaded(loaded: model_dir.LoadedModel) -> CodecModel:
   dcfg = loaded.diffusion_config
   return CodecModel(
     model=from_config(loaded.model_config),
-    params=jax.tree.map(jnp.asarray, loaded.params),
+    # One transfer for the whole tree (jnp.asarray per leaf compiles a
+    # small program per distinct shape on every load).
+    params=jax.device_put(loaded.params),
     schedule=diffusion.make_schedule(dcfg["schedule"], int(dcfg["timesteps"])),
     fingerprint=file_fingerprint(loaded.fingerprint, z_tables, y_tables),
     z_tables=z_tables,
