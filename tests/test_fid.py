@@ -171,6 +171,12 @@ def test_fid_general_covariances_vs_sqrtm():
   covmean = scipy.linalg.sqrtm(s1 @ s2).real
   want = np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
   assert F.frechet_distance(m1, s1, m2, s2) == pytest.approx(want, rel=1e-9)
+  # The reference root computed once and passed in: the same distance.
+  root = F.psd_sqrt(s1)
+  np.testing.assert_allclose(root @ root, s1, atol=1e-12)
+  assert F.frechet_distance(
+    m1, s1, m2, s2, sigma1_sqrt=root
+  ) == pytest.approx(want, rel=1e-9)
   a, b = _with_moments(100, m1, s1, 5), _with_moments(80, m2, s2, 6)
   assert F.fid(a, b) == pytest.approx(want, rel=1e-9)
   # Rank-deficient covariances (fewer samples than dimensions) stay finite.

@@ -215,25 +215,34 @@ def statistics(feats) -> tuple[np.ndarray, np.ndarray]:
   return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def trace_sqrt_product(sigma1, sigma2) -> float:
+def psd_sqrt(sigma) -> np.ndarray:
+  """``S^1/2`` of a covariance matrix (symmetric PSD), float64; negative
+  round-off eigenvalues clipped to 0."""
+  w, u = np.linalg.eigh(np.asarray(sigma, np.float64))
+  return (u * np.sqrt(np.clip(w, 0, None))) @ u.T
+
+
+def trace_sqrt_product(sigma1, sigma2, sigma1_sqrt=None) -> float:
   """``tr sqrt(S1 S2)`` for covariance matrices (PSD), float64.
 
   S1 S2 is similar to the symmetric PSD ``R S2 R`` with ``R = S1^1/2``, so
   the trace is the sum of the square roots of that matrix's eigenvalues
   (negative round-off clipped to 0): two symmetric eigensolves, faster and
   steadier than ``eigvals(S1 S2)`` (torch-fidelity) or ``sqrtm(S1 S2)``
-  (pytorch-fid), equal to them up to round-off.
+  (pytorch-fid), equal to them up to round-off. ``sigma1_sqrt``:
+  ``psd_sqrt(sigma1)`` when the caller has it (one reference set against
+  many), saving one of the eigensolves.
   """
-  w, u = np.linalg.eigh(np.asarray(sigma1, np.float64))
-  r = (u * np.sqrt(np.clip(w, 0, None))) @ u.T  # S1^1/2
+  r = psd_sqrt(sigma1) if sigma1_sqrt is None else sigma1_sqrt
   m = r @ np.asarray(sigma2, np.float64) @ r
   e = np.linalg.eigvalsh((m + m.T) / 2)
   return float(np.sum(np.sqrt(np.clip(e, 0, None))))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, sigma1_sqrt=None) -> float:
   """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2), float64:
-  ``||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2)``."""
+  ``||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2)``
+  (``sigma1_sqrt``: see ``trace_sqrt_product``)."""
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   d = mu1.shape[0] if mu1.ndim == 1 else -1
@@ -243,8 +252,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
       f"{mu1.shape} {s1.shape} and {mu2.shape} {s2.shape}"
     )
   diff = mu1 - mu2
-  tr = np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2)
-  return float(diff @ diff + tr)
+  root = trace_sqrt_product(s1, s2, sigma1_sqrt)
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * root)
 
 
 def fid(feat_a, feat_b) -> float:

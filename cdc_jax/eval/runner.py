@@ -238,6 +238,8 @@ def fid_kid(
   covariance needs N > 1). ``bar``: a progress bar over the keys."""
   ref = feats[reference]
   stats = fid.statistics(ref) if len(ref) >= 2 else None
+  # The reference side's S^1/2, once for every setting.
+  ref_sqrt = fid.psd_sqrt(stats[1]) if stats is not None else None
   keys = [k for k in feats if k != reference]
   out = {}
   for key in progress(keys, len(keys), "FID/KID", bar):
@@ -246,7 +248,9 @@ def fid_kid(
     if stats is None or len(f) < 2:
       row.update(fid=math.nan, kid=math.nan, kid_std=math.nan)
     else:
-      row["fid"] = fid.frechet_distance(*stats, *fid.statistics(f))
+      row["fid"] = fid.frechet_distance(
+        *stats, *fid.statistics(f), sigma1_sqrt=ref_sqrt
+      )
       row["kid"], row["kid_std"] = fid.kid(ref, f, subsets, subset_size)
     out[key] = row
   return out
