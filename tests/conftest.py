@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, fast compiles, a shared compile cache.
+"""Test setup: 8 fake CPU devices, fast compiles, a shared compile cache
+(for the test process and the CLI subprocesses it starts).
 
 XLA_FLAGS must be set before jax is imported anywhere, hence here.
 """
@@ -20,5 +21,8 @@ _cache = os.environ.get(
   os.path.join(tempfile.gettempdir(), "cdc_jax_test_compile_cache"),
 )
 jax.config.update("jax_compilation_cache_dir", _cache)
+# CLI subprocesses the tests start use it too, not the user's
+# ~/.cache/cdc_jax/xla (tests that test the cache set their own).
+os.environ.setdefault("CDC_COMPILE_CACHE", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
