@@ -9,8 +9,9 @@ argparse's status for a usage error, never with a traceback::
     ...
 
 Used by ``python -m cdc_jax.convert`` and its ``lpips_cli`` and
-``inception_cli``. The message is the exception's text, which the raising
-code keeps to one line.
+``inception_cli``, the codec CLI (``prog=None``: ``error: MESSAGE``),
+``cdc_jax.evaluate`` and the main job (``report``). The message is the
+exception's text, which the raising code keeps to one line.
 """
 
 from __future__ import annotations

@@ -192,15 +192,14 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
-  from cdc_jax import compile_cache
+  from cdc_jax import cli_errors, compile_cache
   from cdc_jax.jobs import USER_ERRORS
 
   compile_cache.enable()  # CDC_COMPILE_CACHE=off turns it off
   try:
     run(args)
   except USER_ERRORS as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+    return cli_errors.report(PROG, e)
   return 0
 
 

@@ -62,7 +62,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty
   logging.getLogger("cdc_jax").setLevel(logging.INFO)
   # Imported here, so --help stays fast.
-  from cdc_jax import compile_cache, distributed, jobs, preemption
+  from cdc_jax import cli_errors, compile_cache, distributed, jobs, preemption
 
   try:  # before anything touches a device; a no-op for one process
     jobs.check_workdir(_WORKDIR.value)
@@ -75,8 +75,7 @@ def main(argv):
     else:
       jobs.train_job(_CONFIG.value, _WORKDIR.value)
   except jobs.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(cli_errors.report(None, e))
   except preemption.Preempted as e:
     print(f"{e} (exit status {preemption.EXIT_CODE})", file=sys.stderr)
     sys.exit(preemption.EXIT_CODE)

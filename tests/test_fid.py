@@ -174,9 +174,8 @@ def test_fid_general_covariances_vs_sqrtm():
   # The reference root computed once and passed in: the same distance.
   root = F.psd_sqrt(s1)
   np.testing.assert_allclose(root @ root, s1, atol=1e-12)
-  assert F.frechet_distance(
-    m1, s1, m2, s2, sigma1_sqrt=root
-  ) == pytest.approx(want, rel=1e-9)
+  got = F.frechet_distance(m1, s1, m2, s2, sigma1_sqrt=root)
+  assert got == pytest.approx(want, rel=1e-9)
   a, b = _with_moments(100, m1, s1, 5), _with_moments(80, m2, s2, 6)
   assert F.fid(a, b) == pytest.approx(want, rel=1e-9)
   # Rank-deficient covariances (fewer samples than dimensions) stay finite.

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from cdc_jax import codec, compile_cache
+from cdc_jax import cli_errors, codec, compile_cache
 from cdc_jax.codec import limits
 from cdc_jax.imageio import (
   ImageError,
@@ -231,48 +231,45 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+@cli_errors.user_errors(None, codec.CodecError, WriteError)
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   compile_cache.enable(disabled=args.no_compile_cache)
-  try:
-    cm = codec.load(args.model)
-    if args.cmd == "compress":
-      res = compress_file(
+  cm = codec.load(args.model)
+  if args.cmd == "compress":
+    res = compress_file(
+      cm,
+      args.input,
+      args.output,
+      steps=args.steps,
+      gamma=args.gamma,
+      seed=args.seed,
+      max_steps=args.max_steps,
+      max_pixels=args.max_pixels,
+      tile=args.tile,
+      tile_overlap=args.tile_overlap,
+      max_memory=args.max_memory,
+    )
+    lay = res.layout
+    tiles = lay and f", {lay.tile_width}x{lay.tile_height} tiles"
+    print(
+      f"{args.output}: {len(res.data)} bytes, {res.height}x{res.width}, "
+      f"{res.bpp:.4f} bpp (model estimate {res.estimated_bpp:.4f} bpp)"
+      f"{tiles or ''}"
+    )
+  else:
+    bar = ProgressBar(args.progress)
+    try:
+      img = decompress_file(
         cm,
         args.input,
         args.output,
-        steps=args.steps,
-        gamma=args.gamma,
-        seed=args.seed,
         max_steps=args.max_steps,
         max_pixels=args.max_pixels,
-        tile=args.tile,
-        tile_overlap=args.tile_overlap,
         max_memory=args.max_memory,
+        progress=bar,
       )
-      lay = res.layout
-      tiles = lay and f", {lay.tile_width}x{lay.tile_height} tiles"
-      print(
-        f"{args.output}: {len(res.data)} bytes, {res.height}x{res.width}, "
-        f"{res.bpp:.4f} bpp (model estimate {res.estimated_bpp:.4f} bpp)"
-        f"{tiles or ''}"
-      )
-    else:
-      bar = ProgressBar(args.progress)
-      try:
-        img = decompress_file(
-          cm,
-          args.input,
-          args.output,
-          max_steps=args.max_steps,
-          max_pixels=args.max_pixels,
-          max_memory=args.max_memory,
-          progress=bar,
-        )
-      finally:
-        bar.close()
-      print(f"{args.output}: {img.shape[0]}x{img.shape[1]}")
-  except (codec.CodecError, WriteError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    finally:
+      bar.close()
+    print(f"{args.output}: {img.shape[0]}x{img.shape[1]}")
   return 0
