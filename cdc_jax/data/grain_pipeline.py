@@ -39,7 +39,6 @@ of ``cdc_jax.data.sources`` and grain/TFDS array-record sources are).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -47,12 +46,11 @@ import grain
 import numpy as np
 from absl import flags
 
+from cdc_jax.data import shard
 from cdc_jax.data.loader import CACHE_MAX_ITEMS, random_crop
 from cdc_jax.data.screen import Screen, Skipped
 from cdc_jax.data.sources import Source
 from cdc_jax.imageio import ImageError
-
-logger = logging.getLogger(__name__)
 
 # Last step number of the (endless in practice) step range.
 _END = 2**62
@@ -70,13 +68,6 @@ class Verdict(NamedTuple):
   index: int
   problem: str | None
   size: tuple[int, int] | None
-
-
-def shard_indices(n_items: int, process_index: int, count: int) -> list[int]:
-  """``Loader``'s shard: items i with i % count == process_index, or all
-  items if that leaves none (fewer items than processes)."""
-  indices = list(range(process_index, n_items, count))
-  return indices or list(range(n_items))
 
 
 def _item_name(source, i: int) -> str:
@@ -222,38 +213,20 @@ class GrainLoader(Iterator[np.ndarray]):
       worker_count: grain worker processes (0: none, a thread here).
       prefetch: batches each worker (or the thread) prepares ahead.
     """
-    if batch_size < 1 or crop_size < 1:
-      raise ValueError(
-        f"batch_size and crop_size must be positive, got {batch_size} and "
-        f"{crop_size}"
-      )
-    if not 0 <= process_index < process_count:
-      raise ValueError(
-        f"process_index {process_index} not in [0, {process_count})"
-      )
+    shard.check_args(
+      source, batch_size, crop_size, process_index, process_count
+    )
     if worker_count < 0:
       raise ValueError(f"worker_count must be >= 0, got {worker_count}")
-    if len(source) == 0:
-      raise ValueError(f"{source!r} is empty")
     self.source = source
-    self.indices = shard_indices(len(source), process_index, process_count)
-    if process_index >= len(source):  # its own shard is empty
-      logger.warning(
-        "%r has %d items, fewer than the %d processes; process %d reads "
-        "all of them.",
-        source,
-        len(source),
-        process_count,
-        process_index,
-      )
+    self.indices, where = shard.process_shard(
+      source, process_index, process_count
+    )
     if cache is None:
       cache = len(source) <= CACHE_MAX_ITEMS
     args = (source, self.indices, batch_size, crop_size, seed, process_index)
     self._args = (*args, cache)
     self._maker = _BatchMaker(*self._args)  # batch_at, in this thread
-    where = repr(source)
-    if process_count > 1:
-      where += f" (process {process_index} of {process_count})"
     self._replay = _Replay(source)
     self._screen = Screen(self._replay, self.indices, crop_size, False, where)
     self.worker_count = worker_count

@@ -6,7 +6,6 @@ batches of uint8 crops; batch k is a pure function of (seed, process, k).
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -14,11 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from cdc_jax.data import shard
 from cdc_jax.data.screen import Screen, Skipped
 from cdc_jax.data.sources import Source
 from cdc_jax.imageio import ImageError
-
-logger = logging.getLogger(__name__)
 
 # Sources with at most this many items are decoded once and kept in
 # memory by ``Loader``.
@@ -129,17 +127,9 @@ class Loader(Iterator[np.ndarray]):
       cache: keep decoded images in memory; default: when the source
         has at most ``CACHE_MAX_ITEMS`` items.
     """
-    if batch_size < 1 or crop_size < 1:
-      raise ValueError(
-        f"batch_size and crop_size must be positive, got {batch_size} and "
-        f"{crop_size}"
-      )
-    if not 0 <= process_index < process_count:
-      raise ValueError(
-        f"process_index {process_index} not in [0, {process_count})"
-      )
-    if len(source) == 0:
-      raise ValueError(f"{source!r} is empty")
+    shard.check_args(
+      source, batch_size, crop_size, process_index, process_count
+    )
     self.source = source
     self.batch_size = batch_size
     self.crop_size = crop_size
@@ -147,22 +137,11 @@ class Loader(Iterator[np.ndarray]):
     self.process_index = process_index
     self.process_count = process_count
     self.step = start_step
-    self.indices = list(range(process_index, len(source), process_count))
-    if not self.indices:
-      logger.warning(
-        "%r has %d items, fewer than the %d processes; process %d reads "
-        "all of them.",
-        source,
-        len(source),
-        process_count,
-        process_index,
-      )
-      self.indices = list(range(len(source)))
+    self.indices, where = shard.process_shard(
+      source, process_index, process_count
+    )
     if cache is None:
       cache = len(source) <= CACHE_MAX_ITEMS
-    where = repr(source)
-    if process_count > 1:
-      where += f" (process {process_index} of {process_count})"
     self._screen = Screen(source, self.indices, crop_size, cache, where)
     self._prefetch = max(1, prefetch)
     self._queue: queue.Queue | None = None
