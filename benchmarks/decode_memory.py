@@ -28,28 +28,15 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.process_memory import above, mark, run_child  # noqa: E402
+
 HERE = os.path.abspath(__file__)
-
-
-def _status(key: str) -> int:
-  """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(key + ":"):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak():
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
 
 
 def prepare(spec: str, workdir: str, sizes, steps: int):
@@ -82,18 +69,16 @@ def measure(workdir: str, size: str) -> dict:
   with open(os.path.join(workdir, f"{size}.cdcj"), "rb") as f:
     blob = f.read()
   decode = functools.partial(codec.decompress, cm, blob, max_memory=math.inf)
-  out = {"loaded": _status("VmRSS")}
-  _reset_peak()
+  out = {"loaded": mark()}
   t = time.perf_counter()
   decode()
   out["first_s"] = time.perf_counter() - t
-  out["first"] = _status("VmHWM") - out["loaded"]
-  before = _status("VmRSS")
-  _reset_peak()
+  out["first"] = above(out["loaded"])
+  before = mark()
   t = time.perf_counter()
   decode()
   out["again_s"] = time.perf_counter() - t
-  out["again"] = _status("VmHWM") - before
+  out["again"] = above(before)
   print(json.dumps(out))
   return out
 
@@ -121,21 +106,13 @@ def run_config(spec: str, sizes, steps: int) -> dict:
   from cdc_jax import codec
 
   model = model_of(spec)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     t = time.perf_counter()
     prepare(spec, tmp, sizes, steps)
     print(f"{spec}: model and files in {time.perf_counter() - t:.0f} s")
     for h, w in sizes:
-      proc = subprocess.run(
-        [sys.executable, HERE, "--measure", tmp, f"{h}x{w}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-      )
-      row = json.loads(proc.stdout.strip().splitlines()[-1])
+      row = run_child(HERE, "--measure", tmp, f"{h}x{w}")
       hp, wp = codec.padded_size(h, w, model.downsampling_factor)
       row["pixels"] = hp * wp
       row["estimate"] = codec.limits.decode_memory(model, h, w)

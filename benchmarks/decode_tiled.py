@@ -36,24 +36,16 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.process_memory import above, gb, mark, run_child  # noqa: E402
+
 HERE = os.path.abspath(__file__)
 CALIBRATION = (256, 384)
-
-
-def _status(key: str) -> int:
-  """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(key + ":"):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _variant_kw(variant: str, max_memory) -> dict:
@@ -191,9 +183,7 @@ def decode(model: str, workdir: str, variant: str):
   with open(os.path.join(workdir, f"{variant}.cdcj"), "rb") as f:
     blob = f.read()
   header, _ = codec.parse(cm, blob)
-  loaded = _status("VmRSS")
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset VmHWM
+  loaded = mark()
   marks = []
   t0 = time.perf_counter()
   img = codec.decompress(
@@ -213,7 +203,7 @@ def decode(model: str, workdir: str, variant: str):
     json.dumps(
       {
         "loaded_rss": loaded,
-        "peak_above_load": _status("VmHWM") - loaded,
+        "peak_above_load": above(loaded),
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "seconds": total,
         "marks": marks,
@@ -227,34 +217,14 @@ def decode(model: str, workdir: str, variant: str):
 # -- the report ----------------------------------------------------------------
 
 
-def _child(*argv) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  proc = subprocess.run(
-    [sys.executable, HERE, *map(str, argv)],
-    env=env,
-    capture_output=True,
-    text=True,
-  )
-  if proc.returncode:
-    why = " (killed: out of memory?)" if proc.returncode == -9 else ""
-    raise RuntimeError(
-      f"{argv[0]} failed, exit {proc.returncode}{why}:\n{proc.stderr[-3000:]}"
-    )
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _gb(n: float) -> str:
-  return f"{n / 1e9:.2f} GB"
-
-
 def report(args, workdir: str, model: str) -> dict:
   import numpy as np
 
   from cdc_jax.eval.metrics import psnr
 
   t = time.perf_counter()
-  enc = _child(
+  enc = run_child(
+    HERE,
     "--encode",
     model,
     workdir,
@@ -265,12 +235,12 @@ def report(args, workdir: str, model: str) -> dict:
   )
   print(
     f"encode: {time.perf_counter() - t:.0f} s for {len(args.variants)} "
-    f"file(s), peak RSS {_gb(enc['peak_rss'])}"
+    f"file(s), peak RSS {gb(enc['peak_rss'])}"
   )
   img = np.load(os.path.join(workdir, "image.npy"))
   rows = {}
   for v in args.variants:
-    row = _child("--decode", model, workdir, v)
+    row = run_child(HERE, "--decode", model, workdir, v)
     row.update(enc[v])
     row["out"] = np.load(os.path.join(workdir, f"{v}.npy"))
     (d0, t0), (d1, t1) = row["marks"][0], row["marks"][-1]
@@ -286,9 +256,9 @@ def report(args, workdir: str, model: str) -> dict:
       f"{v} ({what}, {row['bytes']} bytes): decode {row['seconds']:.1f} s "
       f"(compile {row['compile_s']:.1f} s; "
       f"{'n/a' if sps is None else f'{sps:.2f}'} s/step after the first); "
-      f"peak RSS {_gb(row['ru_maxrss'])} (ru_maxrss), "
-      f"{_gb(row['peak_above_load'])} above the loaded model "
-      f"(codec.limits estimate {_gb(row['estimate'])}); "
+      f"peak RSS {gb(row['ru_maxrss'])} (ru_maxrss), "
+      f"{gb(row['peak_above_load'])} above the loaded model "
+      f"(codec.limits estimate {gb(row['estimate'])}); "
       f"PSNR vs original {row['psnr_original']:.2f} dB"
     )
   if "whole" in rows:

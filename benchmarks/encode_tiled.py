@@ -30,22 +30,15 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.process_memory import above, gb, mark, run_child  # noqa: E402
+
 HERE = os.path.abspath(__file__)
-
-
-def _status(key: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(key + ":"):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def photo(h: int, w: int):
@@ -77,9 +70,7 @@ def child(mode: str, model: str, size: str, tile: str, budget: str):
   h, w = (int(v) for v in size.split("x"))
   img = photo(h, w)
   cm = codec.load(model)
-  loaded = _status("VmRSS")
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset VmHWM
+  loaded = mark()
   t = time.perf_counter()
   out = {}
   if mode == "analyze":
@@ -103,31 +94,10 @@ def child(mode: str, model: str, size: str, tile: str, budget: str):
   out.update(
     seconds=time.perf_counter() - t,
     loaded_rss=loaded,
-    peak_above_load=_status("VmHWM") - loaded,
+    peak_above_load=above(loaded),
     ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
   )
   print(json.dumps(out))
-
-
-def _run(*argv) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  proc = subprocess.run(
-    [sys.executable, HERE, "--child", *map(str, argv)],
-    env=env,
-    capture_output=True,
-    text=True,
-  )
-  if proc.returncode:
-    why = " (killed: out of memory?)" if proc.returncode == -9 else ""
-    raise RuntimeError(
-      f"{argv} failed, exit {proc.returncode}{why}:\n{proc.stderr[-3000:]}"
-    )
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _gb(n: float) -> str:
-  return f"{n / 1e9:.2f} GB"
 
 
 def memory(model: str, sizes: list[str]) -> dict:
@@ -136,12 +106,12 @@ def memory(model: str, sizes: list[str]) -> dict:
 
   rows = {}
   for s in sizes:
-    r = _run("analyze", model, s, "none", "none")
+    r = run_child(HERE, "--child", "analyze", model, s, "none", "none")
     rows[s] = r
     print(
-      f"analyze {s}: {r['seconds']:.1f} s, peak {_gb(r['peak_above_load'])} "
-      f"above the loaded model, ru_maxrss {_gb(r['ru_maxrss'])}, "
-      f"estimate {_gb(r['estimate'])}"
+      f"analyze {s}: {r['seconds']:.1f} s, peak {gb(r['peak_above_load'])} "
+      f"above the loaded model, ru_maxrss {gb(r['ru_maxrss'])}, "
+      f"estimate {gb(r['estimate'])}"
     )
   if len(sizes) > 1:
     px = [np.prod([int(v) for v in s.split("x")]) for s in sizes]
@@ -175,12 +145,20 @@ def main(argv=None) -> int:
     if args.memory:
       rows = memory(model, args.memory.split(","))
     else:
-      r = _run("compress", model, args.size, args.tile, args.max_memory)
+      r = run_child(
+        HERE,
+        "--child",
+        "compress",
+        model,
+        args.size,
+        args.tile,
+        args.max_memory,
+      )
       print(
         f"compress {args.size} (--tile {args.tile} --max-memory "
         f"{args.max_memory}): {r['seconds']:.1f} s, ru_maxrss "
-        f"{_gb(r['ru_maxrss'])}, {_gb(r['peak_above_load'])} above the "
-        f"loaded model (estimate {_gb(r['estimate'])}); analysis tile "
+        f"{gb(r['ru_maxrss'])}, {gb(r['peak_above_load'])} above the "
+        f"loaded model (estimate {gb(r['estimate'])}); analysis tile "
         f"{r['analysis_tile']}, file layout {r['layout']}, "
         f"{r['bytes']} bytes ({r['bpp']:.3f} bpp)"
       )
