@@ -101,7 +101,15 @@ def test_cli_compress_and_decompress(model_dirs, tmp_path, capsys):
   assert f"{h}x{w}" in out
   with Image.open(png) as im:
     assert im.format == "PNG" and im.size == (w, h) and im.mode == "RGB"
+    ref = np.asarray(im)
   assert _temp_leftovers(tmp_path) == []
+
+  half = tmp_path / "half.png"
+  argv = ["decompress", "--model", model, cdcj, half, "--precision", "bfloat16"]
+  rc, out, err = _cli(capsys, *argv)
+  assert rc == 0, err
+  with Image.open(half) as im:
+    assert np.abs(np.asarray(im).astype(int) - ref).mean() < 3.0
 
 
 def test_file_api_is_deterministic(eps_cm, small_file, tmp_path):

@@ -226,6 +226,14 @@ def _parser() -> argparse.ArgumentParser:
   )
   d.add_argument("input", help="input .cdcj file")
   d.add_argument("output", help="output PNG")
+  d.add_argument(
+    "--precision",
+    choices=codec.PRECISIONS,
+    default="float32",
+    help="compute precision of g_s and the U-Net (default float32, the "
+    "reference; bfloat16 is faster on accelerators and NOT bit-identical "
+    "to a float32 decode of the same file)",
+  )
   _add_limits(d, decoding=True)
   compile_cache.add_flag(d)
   return p
@@ -258,6 +266,7 @@ def main(argv=None) -> int:
       f"{tiles or ''}"
     )
   else:
+    cm = codec.with_precision(cm, args.precision)
     bar = ProgressBar(args.progress)
     try:
       img = decompress_file(
