@@ -120,9 +120,12 @@ def eps_from_x0(x_t, abar, x0):
   )
 
 
-def loss_weight(snr, min_snr: float = LOSS_WEIGHT_MAX_SNR):
-  """The x family's per-sample weight: min(SNR, 5)."""
-  return jnp.minimum(snr, min_snr)
+def loss_weight(snr, min_snr: float = LOSS_WEIGHT_MAX_SNR, floor: float = 0.0):
+  """The x family's per-sample weight: min(SNR, 5) (the original), raised
+  to at least ``floor`` (a deviation, 0 = off: the original's weight is
+  ~0 at high noise, where only the context can tell x0)."""
+  w = jnp.minimum(snr, min_snr)
+  return jnp.maximum(w, floor) if floor else w
 
 
 def eps_l1_loss(eps, eps_hat):

@@ -40,6 +40,7 @@ def loss_fn(
   lpips_params=None,
   dropout_rng=None,
   dropout_masks: Sequence | None = None,
+  weight_floor: float = 0.0,
 ):
   """Total loss and metrics for images x0 [B,H,W,3] in [-1, 1].
 
@@ -54,6 +55,9 @@ def loss_fn(
   drawn from ``dropout_rng`` or taken from ``dropout_masks`` (5 keep-masks
   [B, h, w, C], see ``models.lpips.LPIPS``); with neither it is off. The
   metrics then carry ``aux_loss``, the batch mean LPIPS.
+
+  ``weight_floor`` (x family; config ``diffusion.loss_weight_floor``, 0 =
+  the original): the x0 loss weight is ``max(min(SNR, 5), weight_floor)``.
   """
   sqrt_abar, sqrt_1m_abar, snr = sched_arrays[:3]
   variables = {"params": params}
@@ -66,7 +70,7 @@ def loss_fn(
   if model.family == "eps":
     diff = diffusion.eps_l1_loss(noise, pred)
   else:
-    weight = diffusion.loss_weight(snr[t])
+    weight = diffusion.loss_weight(snr[t], floor=weight_floor)
     diff = diffusion.x0_weighted_l2_loss(x0, pred, weight)
   bpp = jnp.mean(out["bpp"])
   metrics = {}

@@ -1,6 +1,6 @@
 """Entry point: train (default), evaluate or export a CDC model.
 
-  python -m cdc_jax.main --config=configs/eps_linear.py:tiny --workdir=/tmp/cdc
+  python -m cdc_jax.main --config=configs/x_cosine.py:tiny --workdir=/tmp/cdc
   python -m cdc_jax.main --config=configs/eps_linear.py --workdir=runs/eps \
       --config.data.name=vimeo --config.data.path=/data/vimeo_septuplet
   python -m cdc_jax.main --config=... --workdir=... --mode=eval

@@ -56,7 +56,8 @@ class TrainingError(RuntimeError):
 
 def validate_config(config) -> None:
   """Errors a run would otherwise hit only after compiling."""
-  rho, path = config.diffusion.aux_weight, config.diffusion.lpips_weights
+  dc = config.diffusion
+  rho, path = dc.aux_weight, dc.lpips_weights
   if not 0.0 <= rho <= 1.0:
     raise TrainingError(f"diffusion.aux_weight (rho) = {rho} must be in [0, 1]")
   if rho and not (os.path.isfile(path) and os.access(path, os.R_OK)):
@@ -69,6 +70,12 @@ def validate_config(config) -> None:
       "OUT.npz --backbone vgg16-397923af.pth` (torchvision's VGG16, "
       "downloaded by you); or set --config.diffusion.aux_weight=0"
     )
+  t_min = dc.get("train_t_min", 0.0)
+  floor = dc.get("loss_weight_floor", 0.0)
+  if not 0.0 <= t_min < 1.0:
+    raise TrainingError(f"diffusion.train_t_min = {t_min} must be in [0, 1)")
+  if floor < 0.0:
+    raise TrainingError(f"diffusion.loss_weight_floor = {floor} must be >= 0")
   factor = from_config(config.model).downsampling_factor
   if config.data.crop_size % factor:
     raise TrainingError(

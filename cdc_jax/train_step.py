@@ -47,6 +47,12 @@ def lpips_kwargs(config, lpips_params, rng, step) -> dict:
   return kw
 
 
+def first_t(config, timesteps: int) -> int:
+  """Lowest training index: ``floor(diffusion.train_t_min * T)``; the
+  original draws t from all of [0, T) (``train_t_min`` = 0)."""
+  return int(config.diffusion.get("train_t_min", 0.0) * timesteps)
+
+
 def train_step(
   state: TrainState,
   batch,
@@ -64,7 +70,7 @@ def train_step(
   b, h, w, _ = x0.shape
   timesteps = sched_arrays[0].shape[0]
   kt, kz, ky, kn = jax.random.split(jax.random.fold_in(rng, state.step), 4)
-  t = jax.random.randint(kt, (b,), 0, timesteps)
+  t = jax.random.randint(kt, (b,), first_t(config, timesteps), timesteps)
   shapes = model.latent_shapes(b, h, w)
   rate_noise = (
     jax.random.uniform(kz, shapes["z"], jnp.float32, -0.5, 0.5),
@@ -75,7 +81,9 @@ def train_step(
 
   grad_fn = jax.value_and_grad(
     functools.partial(
-      loss_fn, **lpips_kwargs(config, lpips_params, rng, state.step)
+      loss_fn,
+      weight_floor=config.diffusion.get("loss_weight_floor", 0.0),
+      **lpips_kwargs(config, lpips_params, rng, state.step),
     ),
     has_aux=True,
   )

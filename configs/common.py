@@ -79,6 +79,12 @@ def base_config() -> ml_collections.ConfigDict:
       # LPIPS dropout (p = 0.5) on during training, as the original;
       # False: a deterministic perceptual term.
       lpips_dropout=True,
+      # Deviations from the original (0 = off), for the tiny demos: draw
+      # training t from [train_t_min * T, T) instead of [0, T); x family:
+      # x0 loss weight max(min(SNR, 5), loss_weight_floor). See README,
+      # "Quick start".
+      train_t_min=0.0,
+      loss_weight_floor=0.0,
     )
   )
 

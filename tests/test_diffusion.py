@@ -235,6 +235,15 @@ def test_loss_weight_is_min_snr_5(cosine):
   assert np.all(w[:2146] == 5.0) and np.all(w[2146:] < 5.0)
 
 
+def test_loss_weight_floor_raises_only_low_snr_weights(cosine):
+  snr = jnp.asarray([0.0, 0.01, 1.0, 4.999, 7.0])
+  np.testing.assert_allclose(
+    diffusion.loss_weight(snr, floor=1.0), [1.0, 1.0, 1.0, 4.999, 5.0]
+  )
+  w = np.asarray(diffusion.loss_weight(cosine.snr, floor=0.0))
+  np.testing.assert_array_equal(w, diffusion.loss_weight(cosine.snr))
+
+
 def test_losses_match_numpy():
   x0, out = _rand((3, 4, 4, 3), 10), _rand((3, 4, 4, 3), 11)
   w = np.array([5.0, 0.5, 0.0], np.float32)

@@ -22,7 +22,7 @@ from cdc_jax.optim import make_optimizer
 from cdc_jax.testing import DIFFUSIONS, random_params, tiny_model
 from cdc_jax.train import TrainingError, validate_config
 from cdc_jax.train_state import init_state
-from cdc_jax.train_step import make_train_step
+from cdc_jax.train_step import first_t, make_train_step
 
 B, S = 2, 64
 RHO = 0.9
@@ -257,3 +257,32 @@ def test_validate_config_needs_lpips_weights(tmp_path):
   c.diffusion.aux_weight = 1.5
   with pytest.raises(TrainingError, match=r"\[0, 1\]"):
     validate_config(c)
+
+
+def test_validate_config_t_min_and_weight_floor():
+  c = _config(0.0)
+  c.diffusion.train_t_min = 0.9
+  c.diffusion.loss_weight_floor = 1.0
+  validate_config(c)
+  assert first_t(c, 8193) == 7373
+  for value in (1.0, -0.1):
+    c.diffusion.train_t_min = value
+    with pytest.raises(TrainingError, match=r"train_t_min .* \[0, 1\)"):
+      validate_config(c)
+  c.diffusion.train_t_min = 0.0
+  assert first_t(c, 8193) == 0  # the original: all of [0, T)
+  c.diffusion.loss_weight_floor = -1.0
+  with pytest.raises(TrainingError, match="loss_weight_floor"):
+    validate_config(c)
+
+
+def test_weight_floor_scales_the_x_loss(x_setup):
+  """A floor above 5 makes every weight the floor: the loss is floor x
+  the plain mean squared error of the same prediction."""
+  params, args = x_setup
+  plain = losses.loss_fn(params, *args)[1]["diffusion_loss"]
+  zero = jnp.zeros_like(args[2])
+  _, (high, pred) = probed_loss(params, zero, *args, weight_floor=100.0)
+  want = 100.0 * np.mean((np.asarray(pred) - np.asarray(args[2])) ** 2)
+  np.testing.assert_allclose(high["diffusion_loss"], want, rtol=1e-5)
+  assert abs(float(plain) - float(high["diffusion_loss"])) > 1e-3 * want

@@ -38,6 +38,10 @@ TRAIN = dict(
 def config(**train_overrides) -> ml_collections.ConfigDict:
   c = x_cosine.get_config("tiny")
   c.unlock()
+  # The original's loss and EMA, not the demo's shortcuts.
+  c.diffusion.train_t_min = 0.0
+  c.diffusion.loss_weight_floor = 0.0
+  c.train.ema.enabled = True
   c.train.update({**TRAIN, **train_overrides})
   c.log.progress = False
   c.log.every = 1

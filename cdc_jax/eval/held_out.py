@@ -162,11 +162,12 @@ def report(model_path: str, out_dir: str, steps: int, gamma: float) -> dict:
 def summary(rep: dict) -> str:
   """The report as the lines the main job prints."""
   j = rep["jpeg"]
+  steps = rep["decode_steps"]
   return (
     f"held-out {rep['image']}: {rep['file_bytes']} bytes = "
     f"{rep['bpp']:.4f} bpp (estimate {rep['estimated_bpp']:.4f}), "
     f"PSNR {rep['psnr_db']:.2f} dB, MS-SSIM {rep['ms_ssim']:.4f}, "
-    f"{rep['decode_steps']} DDIM steps\n"
+    f"{steps} DDIM step{'s' if steps != 1 else ''}\n"
     f"  JPEG at the nearest bpp (quality {j['quality']}): {j['bytes']} "
     f"bytes = {j['bpp']:.4f} bpp, PSNR {j['psnr']:.2f} dB, MS-SSIM "
     f"{j['ms_ssim']:.4f}\n"
