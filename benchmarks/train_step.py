@@ -192,6 +192,8 @@ def run_one(args, batch: int, dtype: str, remat: bool) -> dict:
       times.append(time.perf_counter() - t0)
     loss = float(m["loss"])
   peak, peak_kind = peak_memory()
+  if not times:
+    peak_kind += " while compiling; no step ran"
   dev = jax.devices()[0]
   out = dict(
     config=args.config,
@@ -285,11 +287,12 @@ def print_table(rows: list[dict]) -> None:
     step = f"{r['step_s']:.2f}" if r["step_s"] else "-"
     ips = f"{r['batch'] / r['step_s']:.3f}" if r["step_s"] else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+    peak = _gib(r["peak_bytes"]) if r["step_s"] else "-"
     print(
       f"{r['family']:<6} {r['dtype']:<8} {int(r['remat']):>5} "
       f"{r['batch']:>5} {r['compile_s']:>9.1f} {step:>7} {ips:>6} "
       f"{r['hw_flops'] / 1e12:>11.3f} {_gib(r['mem_temp']):>8} "
-      f"{_gib(r['peak_bytes']):>8} {mfu:>5}"
+      f"{peak:>8} {mfu:>5}"
     )
 
 
