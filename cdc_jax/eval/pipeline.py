@@ -62,9 +62,10 @@ class Options:
 
 
 LPIPS_HINT = (
-  "LPIPS: not measured; pass --lpips-weights FILE.npz (the lpips_vgg.npz "
+  "LPIPS: not measured; pass --lpips-weights FILE.npz "
+  "(--config.diffusion.lpips_weights in the main job): the lpips_vgg.npz "
   "that python -m cdc_jax.convert writes for a rho > 0 checkpoint, or one "
-  "written by python -m cdc_jax.convert.lpips_cli)"
+  "written by python -m cdc_jax.convert.lpips_cli"
 )
 
 

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -152,8 +153,10 @@ def bd_rates(summary: list[dict], metric: str, anchor: str) -> dict:
     if codec == anchor:
       continue
     try:
-      out[codec] = float(
-        bjontegaard.bd_rate(
+      # Its "insufficient overlap" warnings are the None below.
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        bd = bjontegaard.bd_rate(
           ra,
           sign * da,
           r,
@@ -161,7 +164,7 @@ def bd_rates(summary: list[dict], metric: str, anchor: str) -> dict:
           method="pchip",
           require_matching_points=False,
         )
-      )
+      out[codec] = float(bd)
     except (ValueError, AssertionError, ZeroDivisionError):
       out[codec] = None
   return out
