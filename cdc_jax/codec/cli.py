@@ -175,6 +175,30 @@ def _add_limits(p: argparse.ArgumentParser, decoding: bool):
   )
 
 
+def _add_decompress(sub) -> None:
+  d = sub.add_parser(
+    "decompress",
+    help=".cdcj file -> PNG",
+    description="Decompress a .cdcj file to a PNG, with the model that "
+    "compressed it.",
+  )
+  d.add_argument(
+    "--model", required=True, help="model directory or training workdir"
+  )
+  d.add_argument("input", help="input .cdcj file")
+  d.add_argument("output", help="output PNG")
+  d.add_argument(
+    "--precision",
+    choices=codec.PRECISIONS,
+    default="float32",
+    help="compute precision of g_s and the U-Net (default float32, the "
+    "reference; bfloat16 is faster on accelerators and NOT bit-identical "
+    "to a float32 decode of the same file)",
+  )
+  _add_limits(d, decoding=True)
+  compile_cache.add_flag(d)
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="python -m cdc_jax.codec",
@@ -215,27 +239,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_limits(c, decoding=False)
   _add_tiling(c)
   compile_cache.add_flag(c)
-  d = sub.add_parser(
-    "decompress",
-    help=".cdcj file -> PNG",
-    description="Decompress a .cdcj file to a PNG, with the model that "
-    "compressed it.",
-  )
-  d.add_argument(
-    "--model", required=True, help="model directory or training workdir"
-  )
-  d.add_argument("input", help="input .cdcj file")
-  d.add_argument("output", help="output PNG")
-  d.add_argument(
-    "--precision",
-    choices=codec.PRECISIONS,
-    default="float32",
-    help="compute precision of g_s and the U-Net (default float32, the "
-    "reference; bfloat16 is faster on accelerators and NOT bit-identical "
-    "to a float32 decode of the same file)",
-  )
-  _add_limits(d, decoding=True)
-  compile_cache.add_flag(d)
+  _add_decompress(sub)
   return p
 
 
