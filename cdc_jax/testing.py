@@ -11,6 +11,7 @@ pixels are meaningless, but exact and deterministic).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -130,3 +131,25 @@ def export_tiny(directory: str, family: str, seed: int = 0, calib=None):
   params = calibrate_entropy_model(model, params, calib)
   model_dir.export(directory, TINY_MODELS[family], DIFFUSIONS[family], params)
   return params
+
+
+# JAX's duration events of tracing to MLIR and of XLA compiling.
+LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+COMPILED = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def recorded_events(name: str):
+  """A list that collects every JAX duration event ``name`` (e.g.
+  ``LOWERED``, ``COMPILED``) seen inside the ``with`` block."""
+  seen: list[float] = []
+
+  def on_event(event, duration, **kw):
+    if event == name:
+      seen.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)

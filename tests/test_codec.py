@@ -50,18 +50,9 @@ def test_loading_a_model_compiles_nothing(tmp_path):
   """The params go to the device in one transfer: no program per shape."""
   path = str(tmp_path / "eps")
   testing.export_tiny(path, "eps")
-  compiled = []
-
-  def on_event(event, duration, **kw):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(on_event)
-  try:
+  with testing.recorded_events(testing.COMPILED) as compiled:
     cm = codec.load(path)
     jax.block_until_ready(cm.params)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(on_event)
   assert compiled == []
   assert all(isinstance(p, jax.Array) for p in jax.tree.leaves(cm.params))
 

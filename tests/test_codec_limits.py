@@ -16,7 +16,6 @@ import re
 import struct
 import zlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -375,21 +374,12 @@ def test_decompress_many_splits_batches_to_fit_the_budget(cm, small_file):
 
 def test_progress_gives_identical_pixels_without_a_new_compile(cm, small_file):
   plain = codec.decompress(cm, small_file)  # compiles (once per shape, S)
-  lowered = []
-
-  def on_event(event, duration, **kw):
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      lowered.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(on_event)
-  try:
+  with testing.recorded_events(testing.LOWERED) as lowered:
     calls = []
     with_cb = codec.decompress(
       cm, small_file, progress=lambda d, t: calls.append((d, t))
     )
     again = codec.decompress(cm, small_file)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(on_event)
   # Windows of steps (one while untimed); the last report ends the decode.
   done = [d for d, _ in calls]
   assert done == sorted(set(done)) and calls[-1] == (STEPS, STEPS)
