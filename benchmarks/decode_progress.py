@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cdc_jax import codec, diffusion, model_dir, sample, testing  # noqa: E402
+from cdc_jax import codec, model_dir, sample, samplers, testing  # noqa: E402
 from cdc_jax.models.cdc import CDC  # noqa: E402
 from cdc_jax.sample import initial_noise  # noqa: E402
 
@@ -56,7 +56,7 @@ def plain_decoder(sampler):
       a, a_prev, t = per_step
       t = jnp.full((b, 1), t, jnp.float32)
       out = model.apply({"params": params}, x, t, context, method=CDC.denoise)
-      return diffusion.ddim_step(x, out, a, a_prev, family), None
+      return samplers.ddim_step(x, out, a, a_prev, family), None
 
     x, _ = jax.lax.scan(step, x_init, (abar, abar_prev, time))
     return x

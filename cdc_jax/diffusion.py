@@ -1,9 +1,9 @@
 """Diffusion math of CDC as pure functions (spec §6).
 
 Schedules are computed in float64 NumPy and stored as float32, exactly as
-the original registers its ``train_*`` buffers. The DDIM sampler's
-per-step update lives here too; the jitted loop that drives it is in
-``cdc_jax.sample``.
+the original registers its ``train_*`` buffers. The decode samplers (DDIM
+and an ODE solver) are in ``cdc_jax.samplers``, the jitted loops that
+drive them in ``cdc_jax.sample``.
 """
 
 from __future__ import annotations
@@ -137,62 +137,3 @@ def x0_weighted_l2_loss(x0, x0_hat, weight):
   """The x family's loss: mean_b w_b * mean_chw (x0 - x0_hat)^2."""
   per = jnp.mean(jnp.square(x0 - x0_hat), axis=tuple(range(1, x0.ndim)))
   return jnp.mean(weight * per)
-
-
-# -- DDIM (eta = 0) -----------------------------------------------------------
-
-
-def sample_indices(timesteps: int, steps: int, family: str) -> np.ndarray:
-  """Training indices visited by an S-step decode (spec §6.3).
-
-  ``floor(linspace(0, T-1, S))``; the x family special-cases S = 1 to
-  [T-1]. The original truncates a float32 torch linspace; for the S values
-  listed in spec §6.3 the indices are identical.
-  """
-  if steps < 1:
-    raise ValueError(f"decode steps must be >= 1, got {steps}")
-  if family == "x" and steps == 1:
-    return np.array([timesteps - 1], dtype=np.int64)
-  lin = np.linspace(0, timesteps - 1, steps, dtype=np.float32)
-  return lin.astype(np.int64)
-
-
-@dataclasses.dataclass(frozen=True)
-class DDIMTables:
-  """Per-step float32 arrays of an S-step DDIM decode, index i = 0..S-1."""
-
-  abar: np.ndarray
-  abar_prev: np.ndarray
-  time: np.ndarray  # the U-Net's time input at step i
-
-
-def ddim_tables(schedule: Schedule, steps: int, family: str) -> DDIMTables:
-  """eps: time i/S; x: time idx_i/T (the original's quirk, spec §6.3)."""
-  idx = sample_indices(schedule.timesteps, steps, family)
-  abar = schedule.alphas_cumprod[idx].astype(np.float32)
-  abar_prev = np.concatenate([[1.0], abar[:-1]]).astype(np.float32)
-  if family == "eps":
-    time = np.arange(steps, dtype=np.float32) / np.float32(steps)
-  elif family == "x":
-    time = idx.astype(np.float32) / np.float32(schedule.timesteps)
-  else:
-    raise ValueError(f"unknown family {family!r}")
-  return DDIMTables(abar, abar_prev, time.astype(np.float32))
-
-
-def ddim_step(x, model_out, abar, abar_prev, family: str):
-  """One deterministic DDIM update (eta = 0) from x at a step to the next.
-
-  eps family: model_out is eps-hat, x0-hat is not clipped. x family:
-  model_out is x0-hat, clipped to [-1, 1], and eps-hat re-derived from it;
-  the radicand is clamped at 0.
-  """
-  if family == "eps":
-    eps = model_out
-    x0 = x0_from_eps(x, abar, eps)
-    coef = jnp.sqrt(1.0 - abar_prev)
-  else:
-    x0 = jnp.clip(model_out, -1.0, 1.0)
-    eps = eps_from_x0(x, abar, x0)
-    coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev, 0.0))
-  return jnp.sqrt(abar_prev) * x0 + coef * eps

@@ -1,10 +1,13 @@
-"""Jitted DDIM decode loops (eta = 0), one compile per (shape, steps).
+"""Jitted decode loops, one compile per (shape, steps, sampler).
 
-The loop runs the S sampling steps from i = S-1 down to 0 (spec §6.3) as
-a ``lax.fori_loop`` over a window [start, stop) of the (reversed) per-step
-tables: the U-Net is traced once, whatever S is. Decoding always uses eval
-semantics (rounded latents) and an explicit initial noise x_T, which the
-codec draws as ``gamma * N(0, I)`` from the seed stored in the file.
+The loop runs the S steps of a sampler (``cdc_jax.samplers``: DDIM, the
+original's, from i = S-1 down to 0 as spec §6.3, or DPM-Solver++(2M)) as
+a ``lax.fori_loop`` over a window [start, stop) of its per-step tables,
+first step first, carrying the sampler's state (x_t, and the solver's
+previous x0 prediction): the U-Net is traced once, whatever S is.
+Decoding always uses eval semantics (rounded latents) and an explicit
+initial noise x_T, which the codec draws as ``gamma * N(0, I)`` from the
+seed stored in the file.
 
 Progress: without a ``progress`` function a decode is one call of the
 loop over all S steps. With one, the host runs the same compiled loop
@@ -14,7 +17,9 @@ Each window costs a host round trip and a fresh working memory (~4 % of a
 step for the full models on CPU), so windows last about
 ``REPORT_EVERY_S``: the first is one step (it may include the compile),
 the next one step (to time it), then as many steps as fit, timed anew by
-each window and remembered per (shape, S) for the next decode.
+each window and remembered per (shape, S, sampler) for the next decode.
+The window boundaries only split the fori_loop: the state carries all a
+sampler needs across them.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdc_jax import diffusion
+from cdc_jax import diffusion, samplers
 from cdc_jax.models.cdc import CDC
 
 Progress = Callable[[int, int], object]  # progress(done, total)
@@ -37,8 +42,9 @@ class Sampler:
   """Decode loops bound to one model; jitted functions are cached by jax.
 
   ``family`` and the schedule come from the model; ``steps`` changes the
-  shapes of the per-step tables, so each S compiles once. The decode
-  methods take ``progress``: called on the host as ``progress(done,
+  shapes of the per-step tables, so each (S, sampler) compiles once. The
+  decode methods take ``sampler`` (a name in ``samplers.SAMPLERS``,
+  default DDIM) and ``progress``: called on the host as ``progress(done,
   total)`` after each window of steps (the last call is ``(total,
   total)``); an exception it raises stops the decode and propagates.
   """
@@ -47,63 +53,68 @@ class Sampler:
     self.model = model
     self.schedule = schedule
     self.family = model.family
-    self._steps = jax.jit(self._steps_impl)
-    self._step_s: dict = {}  # (x shape, S) -> seconds per step, measured
+    self._steps = jax.jit(self._steps_impl, static_argnames="sampler")
+    self._step_s: dict = {}  # (x shape, S, sampler) -> seconds per step
     self._g_s = jax.jit(self._g_s_impl)
-    self._from_image = jax.jit(self._from_image_impl)
+    self._from_image = jax.jit(self._from_image_impl, static_argnames="sampler")
 
-  def tables(self, steps: int):
-    t = diffusion.ddim_tables(self.schedule, steps, self.family)
-    # Reverse once on the host: the loop then runs i = S-1 .. 0.
-    return tuple(
-      jnp.asarray(a[::-1].copy()) for a in (t.abar, t.abar_prev, t.time)
-    )
+  def tables(self, steps: int, sampler: str = samplers.DEFAULT_SAMPLER):
+    """``sampler``'s per-step tables (``samplers.tables``) on the device,
+    first step first; for DDIM the NamedTuple (abar, abar_prev, time)."""
+    t = samplers.tables(self.schedule, steps, self.family, sampler)
+    return type(t)(*(jnp.asarray(a) for a in t))
 
-  def _steps_impl(self, params, context, x, abar, abar_prev, time, start, stop):
-    """Steps ``start`` .. ``stop - 1`` of the reversed tables from x."""
+  def _steps_impl(self, params, context, state, tables, start, stop, sampler):
+    """Steps ``start`` .. ``stop - 1`` of ``tables`` from ``state``."""
     model, family = self.model, self.family
-    b = x.shape[0]
+    b = state[0].shape[0]
 
-    def step(i, x):
+    def step(i, state):
+      row = jax.tree.map(lambda a: a[i], tables)
       out = model.apply(
         {"params": params},
-        x,
-        jnp.full((b, 1), time[i], jnp.float32),
+        state[0],
+        jnp.full((b, 1), row.time, jnp.float32),
         context,
         method=CDC.denoise,
       )
-      return diffusion.ddim_step(x, out, abar[i], abar_prev[i], family)
+      return samplers.step(sampler, family, state, out, row)
 
-    return jax.lax.fori_loop(start, stop, step, x)
+    return jax.lax.fori_loop(start, stop, step, state)
 
   def _g_s_impl(self, params, y_hat):
     return self.model.apply({"params": params}, y_hat, method=CDC.g_s)
 
-  def _from_image_impl(self, params, x, x_init, abar, abar_prev, time):
+  def _from_image_impl(self, params, x, x_init, tables, sampler):
     ctx = self.model.apply({"params": params}, x, method=CDC.context_model)
-    s = abar.shape[0]
-    args = (params, ctx["context"], x_init, abar, abar_prev, time)
-    return self._steps_impl(*args, 0, s), ctx["bpp"]
+    s = tables.time.shape[0]
+    state = samplers.init_state(sampler, x_init)
+    args = (params, ctx["context"], state, tables, 0, s, sampler)
+    return self._steps_impl(*args)[0], ctx["bpp"]
 
-  def _loop(self, params, context, x, steps: int, progress):
+  def _loop(self, params, context, x, steps: int, progress, sampler: str):
     """All S steps from x_T: one call, or windows that report progress."""
-    tables = self.tables(steps)
-    run = self._steps
+    tables = self.tables(steps, sampler)
+    state = samplers.init_state(sampler, x)
+
+    def run(state, start, stop):
+      args = (params, context, state, tables, np.int32(start), np.int32(stop))
+      return self._steps(*args, sampler=sampler)
+
     if progress is None:
-      return run(params, context, x, *tables, np.int32(0), np.int32(steps))
-    key = (x.shape, steps)
+      return run(state, 0, steps)[0]
+    key = (x.shape, steps, sampler)
     done, window = 0, self._window(key)
     while done < steps:
       stop = min(steps, done + window)
       t = time.perf_counter()
-      x = run(params, context, x, *tables, np.int32(done), np.int32(stop))
-      x = jax.block_until_ready(x)
+      state = jax.block_until_ready(run(state, done, stop))
       if done or key in self._step_s:  # not a first call with a compile
         self._step_s[key] = (time.perf_counter() - t) / (stop - done)
       done = stop
       progress(done, steps)
       window = self._window(key)
-    return x
+    return state[0]
 
   def _window(self, key) -> int:
     """Steps in the next progress window (one while untimed)."""
@@ -112,18 +123,23 @@ class Sampler:
       return 1
     return max(1, int(REPORT_EVERY_S / max(per_step, 1e-6)))
 
-  def decode_context(self, params, context, x_init, steps: int, progress=None):
-    """DDIM from given context maps; returns x_0 in (about) [-1, 1]."""
-    return self._loop(params, context, x_init, steps, progress)
+  def decode_context(
+    self, params, context, x_init, steps: int, progress=None, *, sampler="ddim"
+  ):
+    """The sampler from given context maps; x_0 in (about) [-1, 1]."""
+    return self._loop(params, context, x_init, steps, progress, sampler)
 
-  def decode_latent(self, params, y_hat, x_init, steps: int, progress=None):
-    """Context decoder g_s on the quantised latent, then DDIM."""
+  def decode_latent(
+    self, params, y_hat, x_init, steps: int, progress=None, *, sampler="ddim"
+  ):
+    """Context decoder g_s on the quantised latent, then the sampler."""
     context = self._g_s(params, y_hat)
-    return self._loop(params, context, x_init, steps, progress)
+    return self._loop(params, context, x_init, steps, progress, sampler)
 
-  def reconstruct(self, params, x, x_init, steps: int):
+  def reconstruct(self, params, x, x_init, steps: int, *, sampler="ddim"):
     """Image [-1,1] -> (reconstruction, estimated bpp [B]), eval mode."""
-    return self._from_image(params, x, x_init, *self.tables(steps))
+    tables = self.tables(steps, sampler)
+    return self._from_image(params, x, x_init, tables, sampler=sampler)
 
 
 def initial_noise(seed: int, shape, gamma: float):

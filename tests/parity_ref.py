@@ -20,6 +20,9 @@ image set k: ``images_k`` [B,3,H,W] in [-1, 1], ``init_k``
 (x_T), ``steps_k`` (DDIM step counts), ``t_k`` [B] (int), ``rz_k`` / ``ry_k``
 (what ``rand_like`` returns for z and y: the rate noise plus 0.5),
 ``eps_k``; and ``unet_x``, ``unet_time`` [B,1], ``unet_ctx_0..3``.
+Optional ``step_abar_k`` [2] and ``step_time_k`` [B,1]: one DDIM update
+of ``init_k`` from abar[0] to abar[1] (``ddim_step``), as another
+sampler's first step.
 
 ``lpips`` (test_parity_lpips_loss.py): as ``grads`` with the LPIPS-VGG
 term, weight ``rho`` (scalar input), built as the original builds it
@@ -284,6 +287,15 @@ def forward(family, inputs_path, ckpt_path, outputs_path, seed="0"):
           kw["sample_mode"] = "ddim"
         rec, bpp = model.compress(images, sample_steps=int(s), **kw)
         out[f"ddim_{k}_{s}"], out[f"ddim_bpp_{k}_{s}"] = rec, bpp
+      if f"step_abar_{k}" in inp:
+        out[f"step_{k}"] = ddim_step(
+          model,
+          family,
+          res["output"],
+          inp[f"init_{k}"].clone(),
+          inp[f"step_abar_{k}"],
+          inp[f"step_time_{k}"],
+        )
 
   model.train()
   with torch.no_grad():
@@ -297,6 +309,29 @@ def forward(family, inputs_path, ckpt_path, outputs_path, seed="0"):
       out[f"loss_{k}"], out[f"extra_{k}"] = loss, extra
 
   _save(outputs_path, out)
+
+
+def ddim_step(model, family, context, x, abar, time):
+  """The original's DDIM update (``model.ddim``, eta 0) of x from
+  ``abar[0]`` to ``abar[1]``, its U-Net fed ``time`` in place of its own
+  time input. With S = 2 the loop's first step (index 1) reads
+  ``train_alphas_cumprod`` at T-1 and 0: those two entries are replaced,
+  so the original's own ``set_sample_schedule`` derives every buffer."""
+  saved = model.train_alphas_cumprod
+  table = saved.clone()
+  table[-1], table[0] = abar[0], abar[1]
+  model.train_alphas_cumprod = table
+  unet = model.denoise_fn
+  own = unet.forward
+  unet.forward = lambda x, t, context: own(x, time, context=context)
+  try:
+    model.set_sample_schedule(2, x.device)
+    t = torch.full((x.shape[0],), 1, dtype=torch.long)
+    clip = True if family == "x" else model.clip_noise
+    return model.ddim(x, t, context=context, clip_denoised=clip, eta=0)
+  finally:
+    model.train_alphas_cumprod = saved
+    del unet.forward
 
 
 def grads(family, inputs_path, ckpt_path, outputs_path, seed="0"):

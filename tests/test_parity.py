@@ -17,7 +17,9 @@ computes reference outputs for inputs made here. The checkpoint goes
 through ``cdc_jax.convert`` into a model directory
 (``cdc_jax.model_dir.load``); our model then recomputes everything: context
 model (eval), U-Net, DDIM decodes with an explicit x_T
-(``cdc_jax.sample.Sampler``), and the training loss
+(``cdc_jax.sample.Sampler``), the first step of the DPM-Solver++(2M)
+decode (the original's DDIM update between the solver's first two grid
+points, fed the solver's time input), and the training loss
 (``cdc_jax.losses.loss_fn``) with the same injected t / rate noise / eps.
 Gradients are compared in ``test_parity_grads.py``.
 The table of max errors is printed (``-s``) and, when ``PARITY_REPORT``
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdc_jax import codec, diffusion, losses, model_dir
+from cdc_jax import codec, diffusion, losses, model_dir, samplers
 from cdc_jax.convert import infer, torch_checkpoint
 from cdc_jax.models.cdc import CDC, from_config
 from cdc_jax.sample import Sampler
@@ -62,6 +64,7 @@ LAGRANGIAN = {"eps": 0.9, "x": 0.0032}  # the original test scripts' values
 # Image sets: (batch, H, W, DDIM step counts).
 SETS = ((2, 64, 64, (2, 3, 5, 17)), (1, 64, 128, (3,)))
 GAMMA = 0.8  # x_T = gamma * N(0, I), as the original test scripts
+SOLVER, SOLVER_STEPS = "dpmpp2m", 5  # its first step, from t = T-1
 # Tolerances (kind, value): "abs" max |a - b|; "rel" max |a - b| / max |b|.
 TOL = {
   "y_hat": ("abs", 1e-5),
@@ -70,6 +73,7 @@ TOL = {
   "bpp": ("rel", 1e-5),
   "unet": ("abs", 1e-5),
   "ddim": ("rel", 1e-4),
+  "solver": ("rel", 1e-4),
   "loss": ("rel", 1e-5),
   # File payload bits with y's tables chosen exactly (format v3) against
   # by the float32 sigma (v1, v2): a few neighbouring tables at most.
@@ -108,8 +112,17 @@ pytestmark = [
 # -- inputs and the reference subprocess ---------------------------------------
 
 
-def _make_inputs(family: str, timesteps: int, seed: int = 0) -> dict:
+def _solver_first_step(sched, family: str):
+  """abar at the solver's first two grid points (float64 math) and its
+  time input there, for parity_ref.py's ``ddim_step``."""
+  t = samplers.tables(sched, SOLVER_STEPS, family, SOLVER, np.float64)
+  return (1.0 / t.inv_alpha[:2] ** 2).astype(np.float32), t.time[0]
+
+
+def _make_inputs(family: str, sched, seed: int = 0) -> dict:
   """NCHW float32 inputs for parity_ref.py (all randomness lives here)."""
+  timesteps = sched.timesteps
+  abar, time = _solver_first_step(sched, family)
   rng = np.random.default_rng(seed)
   f32 = np.float32
   out = {}
@@ -122,6 +135,8 @@ def _make_inputs(family: str, timesteps: int, seed: int = 0) -> dict:
     out[f"rz_{k}"] = rng.random((b, 256, h // 64, w // 64)).astype(f32)
     out[f"ry_{k}"] = rng.random((b, 256, h // 16, w // 16)).astype(f32)
     out[f"eps_{k}"] = rng.standard_normal((b, 3, h, w)).astype(f32)
+    out[f"step_abar_{k}"] = abar
+    out[f"step_time_{k}"] = np.full((b, 1), time, f32)
   b, h = 2, 64
   out["unet_x"] = rng.standard_normal((b, 3, h, h)).astype(f32)
   out["unet_time"] = rng.random((b, 1)).astype(f32)
@@ -226,8 +241,9 @@ def parity(request, tmp_path_factory):
   """Runs both sides for one family; returns the table of errors."""
   family = request.param
   tmp = tmp_path_factory.mktemp(f"parity_{family}")
-  timesteps = infer.RELEASE_DIFFUSION[family]["timesteps"]
-  inputs = _make_inputs(family, timesteps)
+  dcfg = infer.RELEASE_DIFFUSION[family]
+  sched = diffusion.make_schedule(dcfg["schedule"], dcfg["timesteps"])
+  inputs = _make_inputs(family, sched)
   t0 = time.perf_counter()
   ckpt, ref = run_reference("forward", family, tmp, inputs)
   t_ref = time.perf_counter() - t0
@@ -237,8 +253,6 @@ def parity(request, tmp_path_factory):
   assert loaded.diffusion_config == infer.RELEASE_DIFFUSION[family]
   model = from_config(loaded.model_config)
   params = jax.device_put(loaded.params)
-  dcfg = loaded.diffusion_config
-  sched = diffusion.make_schedule(dcfg["schedule"], dcfg["timesteps"])
   sampler = Sampler(model, sched)
   loss_fn = _loss_fn(model, family, sched)
   table = _Table(family)
@@ -290,6 +304,9 @@ def parity(request, tmp_path_factory):
       note = f"max|ref| {np.abs(ref_rec).max():.3g}"
       table.add("ddim", f"ddim S={s} {tag}", rec, ref_rec, note)
       table.add("bpp", f"ddim bpp S={s} {tag}", bpp, ref[f"ddim_bpp_{k}_{s}"])
+    first = _solver_first(sampler, params, res["context"], init)
+    name = f"{SOLVER} step1 S={SOLVER_STEPS} {tag}"
+    table.add("solver", name, first, nhwc(ref[f"step_{k}"]))
 
     t = jnp.asarray(inputs[f"t_{k}"])
     uz = nhwc(inputs[f"rz_{k}"]) - np.float32(0.5)
@@ -328,6 +345,14 @@ def _payload_bits(cm, x) -> tuple[int, int]:
   return bits[0], bits[1]
 
 
+def _solver_first(sampler, params, context, x_init):
+  """Our loop's first step of the solver's decode from x_init."""
+  tables = sampler.tables(SOLVER_STEPS, SOLVER)
+  state = samplers.init_state(SOLVER, x_init)
+  args = (params, context, state, tables, np.int32(0), np.int32(1))
+  return sampler._steps(*args, sampler=SOLVER)[0]
+
+
 def _check(table: _Table, group: str):
   bad = table.failures(group)
   assert not bad, f"{table.family} {group} out of tolerance:\n" + "\n".join(
@@ -351,6 +376,10 @@ def test_unet(parity):
 
 def test_ddim_decode(parity):
   _check(parity, "ddim")
+
+
+def test_solver_first_step_is_the_originals_ddim_step(parity):
+  _check(parity, "solver")
 
 
 def test_training_loss(parity):

@@ -20,19 +20,21 @@ decoder then runs the U-Net on one tile at a time:
   tile on the y_hat crop widened by that margin, and each tile's window of
   the output is written into whole-image context maps, which match a
   whole-image g_s up to float rounding.
-* **The DDIM runs step-synchronised over all tiles** (as MultiDiffusion,
-  Bar-Tal et al. 2023): one whole-image x_t, drawn from the file's seed as
-  in an untiled decode. At each step the U-Net runs tile by tile on the
-  crop of x_t, and the tiles' predictions (eps-hat or x0-hat) are blended
-  into one whole-image prediction with weights that ramp linearly across
-  each overlap and sum to 1 at every pixel; one DDIM update of x_t
-  follows. Since the eta = 0 DDIM update is affine in the prediction, this
-  equals blending the tiles' updated x_t (MultiDiffusion's least-squares
-  consensus), exactly for eps models and up to the x0 clipping of x
-  models. The tiles agree at every step, so there are no seams to hide,
-  only the U-Net's view that is cut at tile borders (zero padding, and its
-  linear attention sums over the tile instead of the image): the cost in
-  PSNR is measured by benchmarks/decode_tiled.py.
+* **The sampler runs step-synchronised over all tiles** (as
+  MultiDiffusion, Bar-Tal et al. 2023): one whole-image x_t, drawn from the
+  file's seed as in an untiled decode. At each step the U-Net runs tile by
+  tile on the crop of x_t, and the tiles' predictions (eps-hat or x0-hat)
+  are blended into one whole-image prediction with weights that ramp
+  linearly across each overlap and sum to 1 at every pixel; one update of
+  the sampler's state (``samplers.step``: DDIM, or DPM-Solver++(2M) with
+  its previous whole-image x0) follows. Both updates are affine in the
+  prediction, so this equals blending the tiles' updated x_t
+  (MultiDiffusion's least-squares consensus), exactly for eps models and
+  up to the x0 clipping of x models. The tiles agree at every step, so
+  there are no seams to hide, only the U-Net's view that is cut at tile
+  borders (zero padding, and its linear attention sums over the tile
+  instead of the image): the cost in PSNR is measured by
+  benchmarks/decode_tiled.py.
 
 With one tile covering the whole image the blend weights are exactly 1 and
 the decode computes what an untiled decode computes, as separately
@@ -55,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdc_jax import diffusion
+from cdc_jax import samplers
 from cdc_jax.codec.errors import CodecError
 from cdc_jax.codec.limits import (
   decode_memory,
@@ -259,38 +261,46 @@ def _sides(size: int, overlap: int, f: int) -> list[int]:
 # -- decoding ------------------------------------------------------------------
 
 
-def run(cm, y_hat, x_init, steps: int, layout: Layout | None, progress=None):
-  """g_s and the DDIM from x_T (``x_init``): one whole-image decode
-  (``cm.sampler``), or tiled as ``layout`` says. Returns x_0 [B, Hp, Wp, 3]."""
+def run(
+  cm, y_hat, x_init, steps: int, layout, progress=None, *, sampler="ddim"
+):
+  """g_s and the sampler (a ``samplers.SAMPLERS`` name) from x_T
+  (``x_init``): one whole-image decode (``cm.sampler``), or tiled as
+  ``layout`` (a Layout or None) says. Returns x_0 [B, Hp, Wp, 3]."""
   if layout is None:
-    return cm.sampler.decode_latent(cm.params, y_hat, x_init, steps, progress)
-  return decode_tiled(cm, y_hat, x_init, steps, layout, progress)
+    return cm.sampler.decode_latent(
+      cm.params, y_hat, x_init, steps, progress, sampler=sampler
+    )
+  return decode_tiled(cm, y_hat, x_init, steps, layout, progress, sampler)
 
 
-def decode_tiled(cm, y_hat, x_init, steps: int, layout: Layout, progress=None):
+def decode_tiled(
+  cm, y_hat, x_init, steps: int, layout, progress=None, sampler="ddim"
+):
   """The tiled decode (module docstring); ``progress(done, total)`` after
   each step. ``cm`` is a ``codec.CodecModel``."""
   fns = _functions(cm.model)
   _, hp, wp, _ = x_init.shape
   g = grid(layout, hp, wp, cm.model.y_factor)
+  tables = cm.sampler.tables(steps, sampler)
   maps = context_maps(cm.model, cm.params, y_hat, g)
-  abar, abar_prev, time = cm.sampler.tables(steps)
   tiles = [
     (np.int32(top), wy, np.int32(left), wx)
     for top, wy in zip(g.tops, jnp.asarray(g.wy), strict=True)
     for left, wx in zip(g.lefts, jnp.asarray(g.wx), strict=True)
   ]
-  x = x_init
+  state = samplers.init_state(sampler, x_init)
   for i in range(steps):
-    acc = jnp.zeros_like(x)
+    row = type(tables)(*(a[i] for a in tables))
+    acc = jnp.zeros_like(x_init)
     for top, wy, left, wx in tiles:
-      xt, ct = fns.crop(x, maps, top, left, g.th, g.tw)
-      out = fns.unet(cm.params, xt, time[i], ct)
+      xt, ct = fns.crop(state[0], maps, top, left, g.th, g.tw)
+      out = fns.unet(cm.params, xt, row.time, ct)
       acc = fns.add(acc, out, wy, wx, top, left)
-    x = jax.block_until_ready(fns.ddim(x, acc, abar[i], abar_prev[i]))
+    state = jax.block_until_ready(fns.step(state, acc, row, sampler=sampler))
     if progress is not None:
       progress(i + 1, steps)
-  return x
+  return state[0]
 
 
 def context_maps(model, params, y_hat, g: Grid) -> list:
@@ -322,7 +332,7 @@ class _Functions:
   crop_y: object
   place: object
   add: object
-  ddim: object
+  step: object
 
 
 @functools.lru_cache(maxsize=8)
@@ -337,8 +347,8 @@ def _functions(model: CDC) -> _Functions:
     t = jnp.full((x.shape[0], 1), t, jnp.float32)
     return model.apply({"params": params}, x, t, context, method=CDC.denoise)
 
-  def ddim(x, pred, abar, abar_prev):
-    return diffusion.ddim_step(x, pred, abar, abar_prev, model.family)
+  def step(state, pred, row, sampler):
+    return samplers.step(sampler, model.family, state, pred, row)
 
   static = ("th", "tw")
   return _Functions(
@@ -348,7 +358,7 @@ def _functions(model: CDC) -> _Functions:
     crop_y=jax.jit(_window, static_argnames=static),
     place=jax.jit(_place, static_argnames=(*static, "ch"), donate_argnums=0),
     add=jax.jit(_add, donate_argnums=0),
-    ddim=jax.jit(ddim),
+    step=jax.jit(step, static_argnames="sampler"),
   )
 
 
