@@ -6,6 +6,7 @@ Every user error must be one ``error: ...`` line naming the culprit, exit
 status 2, and leave the output path as it was.
 """
 
+import dataclasses
 import os
 import re
 import shutil
@@ -331,3 +332,32 @@ def test_cli_round_trip_full_size(family, request, tmp_path, capsys):
   # The CLI's PNG is the API's decode, bit for bit.
   np.testing.assert_array_equal(got, codec.decompress(codec.load(model), blob))
   assert _temp_leftovers(tmp_path) == []
+
+
+def test_the_sampler_is_part_of_the_file(model_dirs, small_file, tmp_path):
+  """compress --sampler records it; the decoder runs what the file says,
+  and refuses a sampler id it does not know."""
+  src = _save_photo(tmp_path / "in.png", 50, 60)
+  model = model_dirs["eps"]
+  out = {}
+  for name in ("ddim", "dpmpp2m"):
+    cdcj = tmp_path / f"{name}.cdcj"
+    argv = ["compress", "--model", model, src, cdcj, "--steps", 3]
+    assert cli.main([str(a) for a in argv + ["--sampler", name]]) == 0
+    header, _ = container.unpack(cdcj.read_bytes())
+    assert header.sampler == {"ddim": 0, "dpmpp2m": 1}[name]
+    png = tmp_path / f"{name}.png"
+    assert cli.main(["decompress", "--model", model, str(cdcj), str(png)]) == 0
+    out[name] = load_image(png)
+  assert not np.array_equal(out["ddim"], out["dpmpp2m"])
+  cm = codec.load(model)
+  np.testing.assert_array_equal(
+    codec.decompress(cm, (tmp_path / "dpmpp2m.cdcj").read_bytes()),
+    out["dpmpp2m"],
+  )
+  header, streams = container.unpack(small_file)
+  unknown = container.pack(dataclasses.replace(header, sampler=7), streams)
+  with pytest.raises(codec.CodecError, match="sampler 7, which this cdc_jax"):
+    codec.decompress(cm, unknown)
+  with pytest.raises(codec.CodecError, match="unknown sampler 'euler'"):
+    codec.compress(cm, testing.photo("astronaut", (50, 60)), sampler="euler")

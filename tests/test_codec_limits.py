@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 from cdc_jax import codec, sample, testing
-from cdc_jax.codec import cli, limits
-from cdc_jax.codec.many import decompress_many
+from cdc_jax.codec import cli, decompress_many, limits
 from cdc_jax.coding import container
 
 STEPS = 2
@@ -339,9 +338,11 @@ class _CountingSampler:
   def __init__(self, sampler):
     self.sampler, self.batches = sampler, []
 
-  def decode_latent(self, params, y_hat, x_init, steps, progress=None):
+  def decode_latent(self, params, y_hat, x_init, steps, progress=None, **kw):
     self.batches.append(x_init.shape[0])
-    return self.sampler.decode_latent(params, y_hat, x_init, steps, progress)
+    return self.sampler.decode_latent(
+      params, y_hat, x_init, steps, progress, **kw
+    )
 
 
 def test_decompress_many_splits_batches_to_fit_the_budget(cm, small_file):

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 from cdc_jax import codec, testing
-from cdc_jax.codec import cli, limits, tiling
-from cdc_jax.codec.many import decompress_many
-from cdc_jax.coding import container
+from cdc_jax.codec import cli, decompress_many, limits, tiling
+from cdc_jax.coding import container, range_coder
 from cdc_jax.coding.errors import BitstreamError
 from cdc_jax.models.cdc import CDC, init_params
 from cdc_jax.sample import initial_noise
@@ -382,7 +381,7 @@ def test_budget_decides_between_whole_and_tiled(
 ):
   # Headers only: the forged size does not match the stream, so the range
   # decoder is the first thing that must not start.
-  monkeypatch.setattr(codec.range_coder, "Decoder", _Forbidden())
+  monkeypatch.setattr(range_coder, "Decoder", _Forbidden())
   size = {"height": 2048, "width": 2048}
   whole, tiled = _forge(files["whole"], **size), _forge(files["tiled"], **size)
   need_whole = limits.decode_memory(cm.model, 2048, 2048)

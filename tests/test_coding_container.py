@@ -136,7 +136,7 @@ def test_gamma_is_stored_as_float32():
     dict(width=2**32),
     dict(seed=-1),
     dict(seed=2**64),
-    dict(sampler=1),
+    dict(sampler=256),
     dict(flags=256),
     dict(height=2.0),
   ],

@@ -33,7 +33,7 @@ FORMAT_VERSION = 3  # the newest this module reads, and what it writes
 LEGACY_VERSIONS = (1, 2)  # float scale indexes, whole-model fingerprint
 FAMILY_EPS = 0
 FAMILY_X = 1
-SAMPLER_DDIM = 0  # DDIM, eta = 0
+SAMPLER_DDIM = 0  # DDIM, eta = 0 (the others: cdc_jax.samplers.SAMPLERS)
 
 _PREFIX = struct.Struct("<4sB")  # magic, version
 # total file size, fingerprint, height, width, family, steps, gamma, seed,
@@ -81,6 +81,7 @@ class Header:
       ("steps", 0, 2**16 - 1),
       ("seed", 0, 2**64 - 1),
       ("flags", 0, 255),
+      ("sampler", 0, 255),  # which ids decode is the codec's business
       ("tile_height", 0, 2**16 - 1),
       ("tile_width", 0, 2**16 - 1),
       ("tile_overlap", 0, 2**16 - 1),
@@ -91,8 +92,6 @@ class Header:
       object.__setattr__(self, name, int(v))
     if self.family not in (FAMILY_EPS, FAMILY_X):
       raise ValueError(f"unknown family id {self.family!r} (0 eps, 1 x)")
-    if self.sampler != SAMPLER_DDIM:
-      raise ValueError(f"unknown sampler id {self.sampler!r} (0 ddim)")
     if (self.tile_height == 0) != (self.tile_width == 0) or (
       self.tile_overlap and not self.tile_height
     ):
