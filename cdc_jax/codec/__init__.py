@@ -376,8 +376,13 @@ def parse(
       f"{cm.fingerprint.hex()[:12]}...); decode it with the model that "
       "compressed it"
     )
-  if header.family != FAMILY_IDS[cm.family] or len(streams) != 1:
-    raise CodecError("the file's header does not match the model")
+  if header.family != FAMILY_IDS[cm.family]:
+    raise CodecError(
+      f"the file's header names model family id {header.family}, this "
+      f"model is {cm.family} ({FAMILY_IDS[cm.family]})"
+    )
+  if len(streams) != 1:
+    raise CodecError(f"the file holds {len(streams)} streams, not 1")
   limits.check_header(header, cm.schedule.timesteps, lim or Limits(), cm.model)
   return header, streams[0]
 
