@@ -19,6 +19,7 @@ message is the exception's text, which the raising code keeps to one line.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -70,3 +71,15 @@ def user_errors(
     return run
 
   return decorate
+
+
+def positive_int(text: str) -> int:
+  """An argparse ``type``: a positive integer, else a usage error that
+  quotes the value (not int()'s "invalid literal")."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+  return value
