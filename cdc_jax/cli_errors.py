@@ -11,10 +11,12 @@ convention)::
   def main(argv=None) -> int:
     ...
 
-Used by ``python -m cdc_jax.convert`` and its ``lpips_cli`` and
-``inception_cli``, the codec CLI (``prog=None``: ``error: MESSAGE``),
-``cdc_jax.evaluate`` and the main job (``report``, ``USER_ERRORS``). The
-message is the exception's text, which the raising code keeps to one line.
+Used by every entry point: ``python -m cdc_jax.convert`` and its
+``lpips_cli`` and ``inception_cli``, the codec CLI and the main job
+(``prog=None``: ``error: MESSAGE``), ``cdc_jax.evaluate``, and the absl
+flag parser (``config_flags_errors``). Nothing else is caught: any other
+exception is a bug and keeps its traceback. The message is the
+exception's text, which the raising code keeps to one line.
 """
 
 from __future__ import annotations
@@ -28,10 +30,6 @@ from cdc_jax.errors import UserError
 
 EXIT_STATUS = 2
 INTERRUPTED = 130  # 128 + SIGINT
-# What the main job and evaluation report as one line. ValueError and
-# FileNotFoundError stay for library code that still raises them for
-# user errors; new user errors derive from UserError.
-USER_ERRORS = (UserError, FileNotFoundError, ValueError)
 
 
 def report(prog: str | None, error: object) -> int:
@@ -50,20 +48,19 @@ def interrupted(prog: str | None) -> int:
 
 
 def user_errors(
-  prog: str | None, *types: type[BaseException]
+  prog: str | None,
 ) -> Callable[[Callable[..., int]], Callable[..., int]]:
-  """Decorates ``main(argv) -> int``: a ``UserError`` (or an exception of
-  ``types``) raised inside it is ``report``-ed and ``main`` returns 2; a
-  KeyboardInterrupt returns 130 with one line; any other exception
-  (``SystemExit`` from ``--help`` or a usage error included) passes."""
-  caught = (UserError, *types)
+  """Decorates ``main(argv) -> int``: a ``UserError`` raised inside it is
+  ``report``-ed and ``main`` returns 2; a KeyboardInterrupt returns 130
+  with one line; any other exception (a bug, with its traceback;
+  ``SystemExit`` from ``--help`` or a usage error) passes."""
 
   def decorate(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def run(*args, **kwargs) -> int:
       try:
         return main(*args, **kwargs)
-      except caught as e:
+      except UserError as e:
         return report(prog, e)
       except KeyboardInterrupt:
         return interrupted(prog)

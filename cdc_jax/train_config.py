@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 
+from cdc_jax import model_check
 from cdc_jax.errors import UserError
-from cdc_jax.models.cdc import from_config
+from cdc_jax.models.cdc import from_config, to_config
 
 # Fields that count steps or items and must be positive integers.
+LR_SCHEDULES = ("paper", "released")
 POSITIVE = (
   "train.num_steps",
   "train.batch_size",
@@ -22,6 +24,7 @@ POSITIVE = (
   "eval.every",
   "eval.steps",
   "eval.max_images",
+  "eval.size",
   "log.every",
 )
 
@@ -69,8 +72,24 @@ def _check_lpips(dc) -> None:
     )
 
 
+def check_model(config) -> None:
+  """The model and diffusion sections, field by field, as a model
+  directory's model.json is checked (``cdc_jax.model_check``)."""
+  where = "the config"
+  model_check.check_model(
+    to_config(config.model.to_dict()), where, TrainingError
+  )
+  model_check.check_diffusion(diffusion_config(config), where, TrainingError)
+  lr = config.train.lr_schedule
+  if lr not in LR_SCHEDULES:
+    raise TrainingError(
+      f"train.lr_schedule = {lr!r} must be one of {LR_SCHEDULES}"
+    )
+
+
 def validate_config(config) -> None:
   """Errors a run would otherwise hit only after compiling, or silently."""
+  check_model(config)
   dc = config.diffusion
   _check_lpips(dc)
   t_min = dc.get("train_t_min", 0.0)

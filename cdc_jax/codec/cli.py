@@ -116,16 +116,6 @@ def _size(text: str) -> float:
     raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
-  return value
-
-
 def _tile(text: str):
   if text == "auto":
     return text
@@ -182,14 +172,14 @@ def _add_limits(p: argparse.ArgumentParser, decoding: bool):
   what = "a file may ask for" if decoding else "to allow (decoding needs it)"
   p.add_argument(
     "--max-steps",
-    type=_positive,
+    type=cli_errors.positive_int,
     default=codec.DEFAULT_MAX_STEPS,
     help=f"most decode steps {what} (default {codec.DEFAULT_MAX_STEPS}; "
     "never more than the model's T)",
   )
   p.add_argument(
     "--max-pixels",
-    type=_positive,
+    type=cli_errors.positive_int,
     default=codec.DEFAULT_MAX_PIXELS,
     help=f"most pixels {what} (default {codec.DEFAULT_MAX_PIXELS:,})",
   )
