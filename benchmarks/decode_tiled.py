@@ -5,7 +5,7 @@
       --size 512x768 --variants whole,256:64,384:128 --steps 2
   python benchmarks/decode_tiled.py --model MODEL_DIR --steps 65 ...
   # (b) the largest image: a full-size model, 3840x2160, tiles as
-  # --tile auto picks them for the memory available
+  # --tile auto picks them for the machine's memory
   python benchmarks/decode_tiled.py --config configs/eps_linear.py \
       --size 2160x3840 --variants auto --steps 2
 
@@ -108,7 +108,8 @@ def zero_file(cm, img, steps: int, **kw):
   z = np.zeros(shapes["z"], np.int32)
   _, sigma = cm.hyper(cm.params, jnp.asarray(z))
   y = np.zeros(shapes["y"], np.int32)
-  latents = codec.Latents(z, y, np.asarray(sigma), 0.0)
+  idx = cm.y_indexes(z, sigma, container.FORMAT_VERSION)
+  latents = codec.Latents(z, y, idx, 0.0)
   layout = tiling.plan(
     cm.model,
     h,

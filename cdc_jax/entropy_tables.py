@@ -13,8 +13,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from cdc_jax.coding import scale_index
 from cdc_jax.coding import tables as coding_tables
 from cdc_jax.models.cdc import CDC
+from cdc_jax.models.context_model import SCALE_MIN, h_s_layers
 
 Z_TAIL_MASS = 1e-9
 Z_SEARCH = 2048  # the hyperprior's support is searched in +-Z_SEARCH
@@ -74,4 +76,20 @@ def table_sets(arrays):
     coding_tables.TableSet.from_arrays(arrays, "z_"),
     coding_tables.TableSet.from_arrays(arrays, "y_"),
     np.asarray(arrays["y_scale_table"], np.float64),
+  )
+
+
+def scale_indexer(params, scale_table) -> scale_index.ScaleIndexer:
+  """The exact integer version of h_s's sigma branch for ``params``
+  (``coding.scale_index``): what picks each y symbol's table. A
+  ValueError if the weights, medians or scale table are unusable."""
+  cf = params["context_fn"]
+  *hidden, last = h_s_layers(cf)
+  c = last[0].shape[-1] // 2  # the channels after mu's are sigma's
+  return scale_index.ScaleIndexer(
+    [scale_index.IntConv.quantize(*layer) for layer in hidden],
+    scale_index.IntConv.quantize(last[0][..., c:], last[1][c:], *last[2:]),
+    np.asarray(cf["prior"]["medians"]),
+    scale_table,
+    SCALE_MIN,
   )

@@ -23,7 +23,7 @@ import numpy as np
 
 from cdc_jax import model_dir
 from cdc_jax.imageio import to_float
-from cdc_jax.models.cdc import CDC, from_config, init_params
+from cdc_jax.models.cdc import CDC, from_config, init_params, to_config
 
 # The smallest models of each family that keep the released architecture.
 TINY_MODELS = {
@@ -47,10 +47,15 @@ DEAD_SCALE = 0.1
 
 
 def photo(name: str = "astronaut", size=None, top: int = 0, left: int = 0):
-  """An ``skimage.data`` photo as uint8 RGB, cropped to ``size=(h, w)``."""
+  """An ``skimage.data`` photo as uint8 RGB, cropped to ``size=(h, w)``
+  (``motorcycle_left`` / ``_right``: the stereo pair, 500 x 741)."""
   import skimage.data
 
-  img = np.asarray(getattr(skimage.data, name)())
+  if name in ("motorcycle_left", "motorcycle_right"):  # a stereo pair
+    pair = skimage.data.stereo_motorcycle()
+    img = np.asarray(pair[name.endswith("right")])
+  else:
+    img = np.asarray(getattr(skimage.data, name)())
   if img.ndim == 2:
     img = np.repeat(img[..., None], 3, axis=-1)
   img = img[..., :3]
@@ -117,6 +122,36 @@ def calibrate_entropy_model(model: CDC, params, img: np.ndarray):
   last["bias"][:c] = y.mean(axis=axes) - g_mu * mu.mean(axis=axes)
   last["bias"][c:] = target - g_s * s.mean(axis=axes)
   return p
+
+
+def entropy_codec(model: CDC, calib: np.ndarray, seed: int = 0):
+  """A ``codec.CodecModel`` of ``model`` for entropy coding only: context
+  model params drawn with numpy (torch-like uniform over the fan-in, no
+  jitted init of the U-Net), calibrated on ``calib``; no U-Net params, so
+  it encodes files and decodes their symbols but cannot run the
+  diffusion decoder. Cheap enough for the full released architecture."""
+  from cdc_jax import codec, entropy_tables
+
+  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+
+  def draw(leaf):
+    if len(leaf.shape) >= 2:
+      bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
+      return rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
+    return rng.uniform(-0.1, 0.1, leaf.shape).astype(np.float32)
+
+  params = {"context_fn": jax.tree.map(draw, shapes["context_fn"])}
+  params = calibrate_entropy_model(model, params, calib)
+  loaded = model_dir.LoadedModel(
+    model_config=to_config(model),
+    diffusion_config={"schedule": "linear", "timesteps": 1000},
+    params=params,
+    tables=entropy_tables.build(model, params),
+    fingerprint="00" * 32,
+    path="",
+  )
+  return codec.from_loaded(loaded)
 
 
 def _scale(layer: dict, gain: np.ndarray) -> None:

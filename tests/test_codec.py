@@ -127,7 +127,7 @@ def test_file_size_matches_estimates(eps_cm):
   z_bits = range_coder.estimate_bits(
     z_sym, coding_tables.channel_indexes(z_sym.shape), cm.z_tables
   )
-  y_idx = coding_tables.scale_indexes(latents.sigma, cm.scale_table)
+  y_idx = latents.y_indexes
   y_bits = range_coder.estimate_bits(y_sym, y_idx, cm.y_tables)
   int_bits = z_bits + y_bits
   _, streams = container.unpack(res.data)

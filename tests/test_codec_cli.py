@@ -29,18 +29,26 @@ _CRC_SIZE = 4
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("models")
-  dirs = {"eps": str(root / "eps"), "other": str(root / "other")}
+  dirs = {k: str(root / k) for k in ("eps", "other", "decoder")}
   params = testing.export_tiny(dirs["eps"], "eps")
-  # Same architecture and entropy model, other U-Net weights.
-  other = dict(params)
-  other["denoise_fn"] = jax.tree.map(lambda a: a + 0.5, params["denoise_fn"])
-  model_dir.export(
-    dirs["other"],
-    testing.TINY_MODELS["eps"],
-    testing.DIFFUSIONS["eps"],
-    other,
-    tables=model_dir.load(dirs["eps"]).tables,
+  tables = model_dir.load(dirs["eps"]).tables
+  # Same architecture and tables, another analysis transform g_a: another
+  # bitstream. And the same bitstream with other U-Net weights: another
+  # decoder of the same files.
+  other = jax.tree.map(np.array, params)
+  other["context_fn"]["enc_0_0"] = jax.tree.map(
+    lambda a: a + 0.5, other["context_fn"]["enc_0_0"]
   )
+  decoder = dict(params)
+  decoder["denoise_fn"] = jax.tree.map(lambda a: a + 0.5, params["denoise_fn"])
+  for name, p in (("other", other), ("decoder", decoder)):
+    model_dir.export(
+      dirs[name],
+      testing.TINY_MODELS["eps"],
+      testing.DIFFUSIONS["eps"],
+      p,
+      tables=tables,
+    )
   return dirs
 
 
@@ -110,6 +118,28 @@ def test_cli_compress_and_decompress(model_dirs, tmp_path, capsys):
   assert rc == 0, err
   with Image.open(half) as im:
     assert np.abs(np.asarray(im).astype(int) - ref).mean() < 3.0
+
+
+def test_another_decoder_of_the_same_bitstream_decodes_the_file(
+  model_dirs, small_file, tmp_path, capsys
+):
+  """A v3 file names the bitstream, not the U-Net: a model with other
+  U-Net weights on the same entropy model decodes it (to other pixels)."""
+  cdcj = tmp_path / "a.cdcj"
+  cdcj.write_bytes(small_file)
+  out = {}
+  for name in ("eps", "decoder"):
+    png = tmp_path / f"{name}.png"
+    rc, _, err = _cli(
+      capsys, "decompress", "--model", model_dirs[name], cdcj, png
+    )
+    assert rc == 0, err
+    out[name] = load_image(png)
+  assert out["eps"].shape == out["decoder"].shape == (50, 60, 3)
+  assert not np.array_equal(out["eps"], out["decoder"])
+  a, b = (codec.load(model_dirs[k]) for k in ("eps", "decoder"))
+  assert a.fingerprint == b.fingerprint
+  assert a.legacy_fingerprint != b.legacy_fingerprint
 
 
 def test_file_api_is_deterministic(eps_cm, small_file, tmp_path):

@@ -108,9 +108,8 @@ def _zero_residual_file(cm, h: int, w: int) -> bytes:
   shapes = cm.model.latent_shapes(1, *codec.padded_size(h, w, f))
   z = np.zeros(shapes["z"], np.int32)
   _, sigma = cm.hyper(cm.params, jnp.asarray(z))
-  latents = codec.Latents(
-    z, np.zeros(shapes["y"], np.int32), np.asarray(sigma), 0.0
-  )
+  idx = cm.y_indexes(z, sigma, container.FORMAT_VERSION)
+  latents = codec.Latents(z, np.zeros(shapes["y"], np.int32), idx, 0.0)
   header = container.Header(
     fingerprint=cm.fingerprint, height=h, width=w, steps=STEPS, gamma=0.8
   )
@@ -234,15 +233,20 @@ def test_headers_within_the_limits_pass(fields, kw, guarded, small_file):
   assert _passes_limits(guarded, _craft(small_file, **fields), **kw)
 
 
-def test_default_memory_budget_is_the_available_memory(guarded, small_file):
-  avail = limits.available_memory()
+def test_default_memory_budget_is_the_machine_memory(guarded, small_file):
+  avail = limits.machine_memory()
   assert avail is not None and 0 < avail < 2**50
+  # A stable quantity: the physical memory (or a cgroup limit), not what
+  # is free now; the same on every call.
+  with open("/proc/meminfo") as f:
+    total = int(f.read().split("MemTotal:")[1].split()[0]) * 1024
+  assert avail <= total and limits.machine_memory() == avail
   assert _passes_limits(guarded, small_file)  # a 50x60 decode fits
   blob = _craft(small_file, height=16384, width=16384)
   need = limits.decode_memory(guarded.model, 16384, 16384)
   assert need > 16384**2 * 100  # the tiny model: >= 100 bytes per pixel
-  if need > avail:  # this machine: refused, naming the available memory
-    with pytest.raises(codec.CodecError, match="than the memory available"):
+  if need > avail:  # this machine: refused, naming the machine's memory
+    with pytest.raises(codec.CodecError, match="than the machine's memory"):
       codec.decompress(guarded, blob, max_pixels=2**28)
   else:  # a machine with more: the estimate fits
     lim = codec.Limits(max_pixels=2**28)

@@ -1,5 +1,5 @@
 """Tests of tiled decoding (cdc_jax.codec.tiling) and the tile layout in
-the file header (format v2).
+the file header (format v2 and v3).
 
 The tiny eps model of ``cdc_jax.testing`` on a 64x96 photo (padded to
 64x128); tiles of 64 px overlapping by 32 make a 1x3 grid. Decodes use
@@ -74,23 +74,22 @@ def decoded(cm, files):
 # -- the header ----------------------------------------------------------------
 
 
-def test_tiled_file_records_the_layout_as_format_v2(files):
+def test_tiled_file_records_the_layout(files):
   header, _ = container.unpack(files["tiled"])
-  assert files["tiled"][4] == 2 == container.FORMAT_VERSION
+  assert files["tiled"][4] == 3 == container.FORMAT_VERSION
   assert tiling.Layout.of(header) == tiling.Layout(64, 64, 32)
   one, _ = container.unpack(files["one_tile"])
   assert (one.tile_height, one.tile_width, one.tile_overlap) == (128, 128, 64)
 
 
-def test_untiled_files_stay_v1_byte_for_byte(files):
+def test_whole_and_tiled_files_differ_only_in_the_layout(files):
   whole = files["whole"]
-  assert whole[4] == container.UNTILED_VERSION == 1
+  assert whole[4] == container.FORMAT_VERSION
   header, streams = container.unpack(whole)
   assert tiling.Layout.of(header) is None
-  # A tiled file is the v1 file plus the 6-byte layout (same stream).
+  # The same stream; the layout fields are 0 in the whole-image file.
   tiled_header, tiled_streams = container.unpack(files["tiled"])
-  assert tiled_streams == streams
-  assert len(files["tiled"]) == len(whole) + 6
+  assert tiled_streams == streams and len(files["tiled"]) == len(whole)
   assert (
     container.pack(
       dataclasses.replace(
@@ -107,7 +106,7 @@ def test_golden_v1_files_still_parse(family):
   with open(f"tests/golden/{family}.cdcj", "rb") as f:
     blob = f.read()
   header, _ = container.unpack(blob)
-  assert blob[4] == 1 and tiling.Layout.of(header) is None
+  assert blob[4] == 1 == header.version and tiling.Layout.of(header) is None
   assert container.pack(header, container.unpack(blob)[1]) == blob
 
 
@@ -142,6 +141,7 @@ def test_v2_file_without_a_layout_is_invalid(files):
   blob = bytearray(files["tiled"])
   at = len(blob) - 4 - 4 - len(container.unpack(files["tiled"])[1][0]) - 6
   blob[at : at + 6] = bytes(6)  # tile height, width, overlap = 0
+  blob[4] = 2  # v3 allows it (a whole-image file), v2 does not
   body = bytes(blob[:-4])
   blob = body + zlib.crc32(body).to_bytes(4, "little")
   with pytest.raises(BitstreamError, match="v2 file without a tile layout"):
@@ -377,8 +377,13 @@ def test_context_floats_match_the_context_maps(cm):
     assert limits.context_floats(model) == floats
 
 
-def test_budget_decides_between_whole_and_tiled(guarded, cm, files):
-  size = {"height": 2048, "width": 2048}  # headers only: nothing decodes
+def test_budget_decides_between_whole_and_tiled(
+  guarded, cm, files, monkeypatch
+):
+  # Headers only: the forged size does not match the stream, so the range
+  # decoder is the first thing that must not start.
+  monkeypatch.setattr(codec.range_coder, "Decoder", _Forbidden())
+  size = {"height": 2048, "width": 2048}
   whole, tiled = _forge(files["whole"], **size), _forge(files["tiled"], **size)
   need_whole = limits.decode_memory(cm.model, 2048, 2048)
   need_tiled = limits.decode_memory(cm.model, 2048, 2048, tile=(64, 64))

@@ -60,7 +60,7 @@ def _refresh_crc(body):
 def test_pack_unpack_roundtrip():
   data, streams = _valid_file()
   assert data[:4] == container.MAGIC == b"CDCJ"
-  assert data[4] == container.UNTILED_VERSION == 1  # v2: tiled files
+  assert data[4] == container.FORMAT_VERSION == 3
   assert len(data) == _FIXED + 4 * 3 + 40 + 0 + len(streams[2]) * 4 + 4
   header, back = container.unpack(data)
   assert header == _header()
@@ -71,6 +71,30 @@ def test_pack_unpack_roundtrip():
   assert container.unpack(memoryview(data))[0] == header
   # Packing what was unpacked gives the same bytes.
   assert container.pack(header, back) == data
+
+
+def test_versions_and_tile_layouts():
+  """v3 holds either layout (zeros: whole image); v1 none, v2 one; each
+  version packs and parses as itself (v1 files are 6 bytes shorter)."""
+  tiled = dict(tile_height=256, tile_width=512, tile_overlap=64)
+  sizes = {}
+  for version, tile in ((1, {}), (2, tiled), (3, {}), (3, tiled)):
+    header = _header(version=version, **tile)
+    data = container.pack(header, [b"abc"])
+    assert data[4] == version
+    back, streams = container.unpack(data)
+    assert back == header and back.version == version and streams == [b"abc"]
+    sizes[version, bool(tile)] = len(data)
+  assert sizes[2, True] == sizes[3, False] == sizes[3, True]
+  assert sizes[1, False] == sizes[3, False] - 6
+  for bad, message in (
+    (dict(version=1, **tiled), "v1 file has no tile"),
+    (dict(version=2), "v2 file has a tile"),
+    (dict(version=4), "unknown format version"),
+    (dict(version=0), "unknown format version"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      _header(**bad)
 
 
 def test_pack_dict_header_boundary_values():
@@ -152,7 +176,7 @@ def test_unpack_errors():
   body[_FIXED : _FIXED + 4] = struct.pack("<I", 41)
   cases.append((_refresh_crc(bytes(body)), "stream lengths inconsistent"))
   body = bytearray(data[:-4])
-  body[_FIXED - 1] = 200  # the stream count
+  body[container._FIXED - 1] = 200  # the stream count ends the v1 fields
   cases.append((_refresh_crc(bytes(body)), "stream lengths inconsistent"))
   body = bytearray(data[:-4])
   body[_offset_of(family=container.FAMILY_EPS)] = 9

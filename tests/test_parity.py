@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdc_jax import diffusion, losses, model_dir
+from cdc_jax import codec, diffusion, losses, model_dir
 from cdc_jax.convert import infer, torch_checkpoint
 from cdc_jax.models.cdc import CDC, from_config
 from cdc_jax.sample import Sampler
@@ -71,6 +71,9 @@ TOL = {
   "unet": ("abs", 1e-5),
   "ddim": ("rel", 1e-4),
   "loss": ("rel", 1e-5),
+  # File payload bits with y's tables chosen exactly (format v3) against
+  # by the float32 sigma (v1, v2): a few neighbouring tables at most.
+  "scales": ("rel", 1e-3),
 }
 _STUB_LPIPS = '''"""Stub: imported by the original, unused with rho = 0."""
 
@@ -239,6 +242,7 @@ def parity(request, tmp_path_factory):
   sampler = Sampler(model, sched)
   loss_fn = _loss_fn(model, family, sched)
   table = _Table(family)
+  cm = codec.load(str(tmp / "model"))
   p = {"params": params}
   denoise = jax.jit(functools.partial(model.apply, method=CDC.denoise))
   context_model = jax.jit(
@@ -271,6 +275,13 @@ def parity(request, tmp_path_factory):
         nhwc(ref[f"ctx_{k}_{i}"]),
       )
     table.add("bpp", f"bpp eval {tag}", res["bpp"], ref[f"bpp_{k}"])
+    for b in range(x.shape[0]):
+      exact, legacy = _payload_bits(cm, x[b : b + 1])
+      est = float(ref[f"bpp_{k}"][b])
+      note = (
+        f"exact {exact / (h * w):.4f} bpp, original's estimate {est:.4f}"
+      )
+      table.add("scales", f"payload exact/float {tag}{b}", exact, legacy, note)
 
     init = jnp.asarray(nhwc(inputs[f"init_{k}"]))
     for s in steps:
@@ -305,6 +316,18 @@ def parity(request, tmp_path_factory):
   return table
 
 
+def _payload_bits(cm, x) -> tuple[int, int]:
+  """The range-coded bits of one image with y's tables chosen exactly and
+  by the float32 sigma."""
+  lat = codec.encode_latents(cm, x)
+  _, sigma = cm.hyper(cm.params, jnp.asarray(lat.z_sym))
+  bits = []
+  for idx in (lat.y_indexes, cm.y_indexes(lat.z_sym, sigma, 1)):
+    latents = codec.Latents(lat.z_sym, lat.y_sym, idx, 0.0)
+    bits.append(32 * codec.entropy_encode(cm, latents).size)
+  return bits[0], bits[1]
+
+
 def _check(table: _Table, group: str):
   bad = table.failures(group)
   assert not bad, f"{table.family} {group} out of tolerance:\n" + "\n".join(
@@ -318,7 +341,7 @@ def test_converter_picks_released_weights(parity):
 
 
 def test_context_model(parity):
-  for group in ("y_hat", "z_hat", "context", "bpp"):
+  for group in ("y_hat", "z_hat", "context", "bpp", "scales"):
     _check(parity, group)
 
 

@@ -33,15 +33,32 @@ def test_one_device_equals_eight_devices(tiny):
   )
   st1, m1 = tiny_training.run(step1, bs1, mesh1, t["host"], t["crops"], 2)
   assert int(st1.step) == int(st8.step) == 2
+  # 1 and 8 devices sum the batch's gradients in different orders, so
+  # float32 results differ in the last bits (and differently again on
+  # other CPUs). Losses, rate and gradient norm are reductions over 1e4 to
+  # 1e5 terms: a few 1e-7 relative apart (measured <= 8.5e-7 between 1,
+  # 2, 4 and 8 devices, also with XLA's ISA capped at SSE4.2).
   for a, b in zip(m1, m8, strict=True):
     for k in ("loss", "diffusion_loss", "bpp", "extra_loss", "grad_norm"):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  # Adam's update g / (|g| + eps) amplifies the difference where a
+  # gradient nearly cancels (|g| ~ eps): a few elements move by up to
+  # 0.012 lr more or less (measured, 2 against 8 devices). So: every
+  # element within 0.05 lr, and all but 1e-4 of them to float32 rounding.
+  lr = tiny_training.TRAIN["lr"]
   for name in ("params", "ema_params", "opt_state"):
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-      getattr(st1, name),
-      getattr(st8, name),
+    pairs = zip(
+      jax.tree.leaves(getattr(st1, name)),
+      jax.tree.leaves(getattr(st8, name)),
+      strict=True,
     )
+    diff, close = [], []
+    for a, b in pairs:
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      diff.append(np.max(np.abs(a - b), initial=0.0))
+      close.append(np.isclose(a, b, rtol=1e-5, atol=1e-6).ravel())
+    assert max(diff) <= 0.05 * lr, (name, max(diff) / lr)
+    assert np.mean(np.concatenate(close)) >= 1 - 1e-4, name
   # The step moved the params (the comparison is not vacuous).
   moved = jax.tree.map(
     lambda a, b: np.abs(a - b).max(), st8.params, t["host"].params

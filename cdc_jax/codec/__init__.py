@@ -4,14 +4,21 @@ Encoding, one image at a time so a file never depends on its batch::
 
   image --pad (edge replicate)--> x --g_a--> y --h_a--> z
   z_sym = Q(z - medians)              coded with per-channel tables
-  (mu, sigma) = h_s(z_sym + medians)   the same jitted function on both sides
+  mu = h_s(z_sym + medians)           float32, jitted
   y_sym = Q(y - mu)                   coded with the Gaussian table of the
                                       smallest table scale >= sigma
+  table index = scales(z_sym)         h_s's sigma in exact integer
+                                      arithmetic (``coding.scale_index``)
 
-Decoding: z_sym -> (mu, sigma) -> y_sym -> y_hat = y_sym + mu -> context
-g_s(y_hat) -> DDIM from x_T = gamma * N(0, I; seed) -> crop -> uint8,
-whole-image or, when the header records a tile layout (format v2), in
-tiles of bounded memory (``codec.tiling``).
+Decoding: z_sym -> table indexes -> y_sym -> y_hat = y_sym + mu ->
+context g_s(y_hat) -> DDIM from x_T = gamma * N(0, I; seed) -> crop ->
+uint8, whole-image or, when the header records a tile layout, in tiles of
+bounded memory (``codec.tiling``).
+
+The table indexes are the same on every machine, so a file decodes to
+the same symbols everywhere (the decode contract, docs/bitstream.md);
+files of format v1 and v2 chose their tables from the float32 sigma and
+decode the same way, portable only where that float path agrees.
 
 ``load`` reads a model directory or a training workdir
 (``cdc_jax.model_dir.load``); ``compress`` / ``decompress`` are the file
@@ -25,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import math
 import os
 
 import jax
@@ -34,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdc_jax import diffusion, entropy_tables, model_dir
-from cdc_jax.codec import limits, tiled_analysis, tiling
+from cdc_jax.codec import fingerprint, limits, tiled_analysis, tiling
 from cdc_jax.codec.errors import CodecError
+from cdc_jax.codec.geometry import pad_image, padded_size  # noqa: F401
 from cdc_jax.codec.limits import (  # noqa: F401 (the API re-exports them)
   DEFAULT_MAX_PIXELS,
   DEFAULT_MAX_STEPS,
@@ -47,6 +53,7 @@ from cdc_jax.codec.limits import (  # noqa: F401 (the API re-exports them)
 from cdc_jax.coding import container, range_coder
 from cdc_jax.coding import tables as coding_tables
 from cdc_jax.coding.errors import BitstreamError
+from cdc_jax.coding.scale_index import ScaleIndexer
 from cdc_jax.imageio import to_float, to_uint8
 from cdc_jax.models.cdc import CDC, from_config, with_dtype
 from cdc_jax.models.entropy import gaussian_likelihood, quantize
@@ -67,10 +74,12 @@ class CodecModel:
   model: CDC
   params: dict
   schedule: diffusion.Schedule
-  fingerprint: bytes
+  fingerprint: bytes  # what a v3 file stores: the bitstream's
+  legacy_fingerprint: bytes  # what v1 and v2 files store: the model's
   z_tables: coding_tables.TableSet
   y_tables: coding_tables.TableSet
   scale_table: np.ndarray
+  scales: ScaleIndexer
   path: str = ""
 
   def __post_init__(self):
@@ -105,6 +114,14 @@ class CodecModel:
   @property
   def downsampling_factor(self) -> int:
     return self.model.downsampling_factor
+
+  def y_indexes(self, z_sym, sigma, version: int) -> np.ndarray:
+    """The y coding tables' indexes, as the encoder and the decoder of a
+    file of format ``version`` choose them: from z's symbols by the exact
+    integer path (v3), or from the float32 ``sigma`` (v1, v2)."""
+    if version in container.LEGACY_VERSIONS:
+      return coding_tables.scale_indexes(np.asarray(sigma), self.scale_table)
+    return self.scales(np.asarray(z_sym))
 
 
 def load(path: str) -> CodecModel:
@@ -150,43 +167,28 @@ def with_precision(cm: CodecModel, precision: str) -> CodecModel:
 def from_loaded(loaded: model_dir.LoadedModel) -> CodecModel:
   z_tables, y_tables, scale_table = entropy_tables.table_sets(loaded.tables)
   dcfg = loaded.diffusion_config
+  try:
+    scales = entropy_tables.scale_indexer(loaded.params, scale_table)
+  except ValueError as e:
+    raise CodecError(f"{loaded.path}: unusable entropy model: {e}") from None
   return CodecModel(
     model=from_config(loaded.model_config),
     # One transfer for the whole tree (jnp.asarray per leaf compiles a
     # small program per distinct shape on every load).
     params=jax.device_put(loaded.params),
     schedule=diffusion.make_schedule(dcfg["schedule"], int(dcfg["timesteps"])),
-    fingerprint=file_fingerprint(loaded.fingerprint, z_tables, y_tables),
+    fingerprint=fingerprint.bitstream(
+      loaded.model_config, loaded.params, z_tables, y_tables, scales
+    ),
+    legacy_fingerprint=fingerprint.legacy(
+      loaded.fingerprint, z_tables, y_tables
+    ),
     z_tables=z_tables,
     y_tables=y_tables,
     scale_table=scale_table,
+    scales=scales,
     path=loaded.path,
   )
-
-
-def file_fingerprint(model_fp: str, z_tables, y_tables) -> bytes:
-  """The 16 bytes a file stores: the params and configs (model.json's
-  fingerprint) and the integer tables, so a file decodes only with the very
-  tables that coded it."""
-  h = hashlib.blake2b(digest_size=16)
-  h.update(bytes.fromhex(model_fp))
-  h.update(z_tables.digest())
-  h.update(y_tables.digest())
-  return h.digest()
-
-
-# -- geometry -----------------------------------------------------------------
-
-
-def padded_size(h: int, w: int, factor: int) -> tuple[int, int]:
-  return math.ceil(h / factor) * factor, math.ceil(w / factor) * factor
-
-
-def pad_image(img: np.ndarray, factor: int) -> np.ndarray:
-  """Edge-replicate padding (bottom/right) to multiples of ``factor``."""
-  h, w, _ = img.shape
-  hp, wp = padded_size(h, w, factor)
-  return np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
 
 
 # -- latents ------------------------------------------------------------------
@@ -194,18 +196,21 @@ def pad_image(img: np.ndarray, factor: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Latents:
-  """What the range coder codes: symbols and the scales that pick tables."""
+  """What the range coder codes: symbols and the indexes of their tables."""
 
   z_sym: np.ndarray  # int32 [1, H/64, W/64, Cz]
   y_sym: np.ndarray  # int32 [1, H/16, W/16, Cy]
-  sigma: np.ndarray  # float32, like y_sym
+  y_indexes: np.ndarray  # int32, like y_sym: the y coding tables
   estimated_bits: float  # the model's -log2 likelihood of the symbols
 
 
-def encode_latents(cm: CodecModel, x, tile=None) -> Latents:
-  """x [1, H, W, 3] in [-1, 1] (padded) -> symbols: g_a, h_a, Q, h_s, Q.
-  With ``tile`` (core height, width in pixels) g_a runs in tiles of
-  bounded memory (``codec.tiled_analysis``), the rest on the whole y."""
+def encode_latents(
+  cm: CodecModel, x, tile=None, version: int = container.FORMAT_VERSION
+) -> Latents:
+  """x [1, H, W, 3] in [-1, 1] (padded) -> symbols: g_a, h_a, Q, h_s, Q,
+  and y's tables as a file of ``version`` chooses them. With ``tile``
+  (core height, width in pixels) g_a runs in tiles of bounded memory
+  (``codec.tiled_analysis``), the rest on the whole y."""
   if tile is None:
     y, z_sym = cm.analyze(cm.params, jnp.asarray(x))
   else:
@@ -213,9 +218,9 @@ def encode_latents(cm: CodecModel, x, tile=None) -> Latents:
   mu, sigma = cm.hyper(cm.params, z_sym)
   y_sym = cm.y_symbols(y, offset=mu)
   bits = cm.estimate_bits(cm.params, z_sym, y_sym, mu, sigma)
-  return Latents(
-    np.asarray(z_sym), np.asarray(y_sym), np.asarray(sigma), float(bits)
-  )
+  z_sym = np.asarray(z_sym)
+  idx = cm.y_indexes(z_sym, sigma, version)
+  return Latents(z_sym, np.asarray(y_sym), idx, float(bits))
 
 
 def entropy_encode(cm: CodecModel, latents: Latents) -> np.ndarray:
@@ -223,13 +228,13 @@ def entropy_encode(cm: CodecModel, latents: Latents) -> np.ndarray:
   enc = range_coder.Encoder()
   z = latents.z_sym
   enc.encode(z, coding_tables.channel_indexes(z.shape), cm.z_tables)
-  idx = coding_tables.scale_indexes(latents.sigma, cm.scale_table)
-  enc.encode(latents.y_sym, idx, cm.y_tables)
+  enc.encode(latents.y_sym, latents.y_indexes, cm.y_tables)
   return enc.get_words()
 
 
-def decode_latents(cm: CodecModel, header: container.Header, stream: bytes):
-  """The stream of one file -> y_hat [1, H/16, W/16, C] (device array)."""
+def decode_symbols(cm: CodecModel, header: container.Header, stream: bytes):
+  """The stream of one file -> (z_sym, y_sym, mu): the symbols (numpy,
+  the same on every machine for a v3 file) and y's float32 means."""
   f = cm.downsampling_factor
   hp, wp = padded_size(header.height, header.width, f)
   zshape = cm.model.latent_shapes(1, hp, wp)["z"]
@@ -237,10 +242,16 @@ def decode_latents(cm: CodecModel, header: container.Header, stream: bytes):
     dec = range_coder.Decoder(stream)
     z_sym = dec.decode(coding_tables.channel_indexes(zshape), cm.z_tables)
     mu, sigma = cm.hyper(cm.params, jnp.asarray(z_sym))
-    idx = coding_tables.scale_indexes(np.asarray(sigma), cm.scale_table)
+    idx = cm.y_indexes(z_sym, sigma, header.version)
     y_sym = dec.decode(idx, cm.y_tables)
   except BitstreamError as e:
     raise CodecError(str(e)) from None
+  return z_sym, y_sym, mu
+
+
+def decode_latents(cm: CodecModel, header: container.Header, stream: bytes):
+  """The stream of one file -> y_hat [1, H/16, W/16, C] (device array)."""
+  _, y_sym, mu = decode_symbols(cm, header, stream)
   return jnp.asarray(y_sym).astype(jnp.float32) + mu
 
 
@@ -332,7 +343,7 @@ def decompress(
   <= ``max_steps`` and the model's T, pixels <= ``max_pixels``, gamma in
   [0, 4], a tile layout the model can decode, and the estimated memory
   of the decode (per tile for a tiled file) <= ``max_memory`` bytes (None:
-  the memory available now; ``math.inf``: no check); else a CodecError,
+  the machine's memory; ``math.inf``: no check); else a CodecError,
   raised before anything is decoded. ``progress(done, total)`` is called
   on the host as the steps run (``cdc_jax.sample``, ``codec.tiling``); an
   exception it raises stops the decode.
@@ -369,11 +380,13 @@ def parse(
     header, streams = container.unpack(blob)
   except BitstreamError as e:
     raise CodecError(str(e)) from None
-  if header.fingerprint != cm.fingerprint:
+  legacy = header.version in container.LEGACY_VERSIONS
+  expected = cm.legacy_fingerprint if legacy else cm.fingerprint
+  if header.fingerprint != expected:
     raise CodecError(
       "the file was made with another model (fingerprint "
       f"{header.fingerprint.hex()[:12]}..., this model "
-      f"{cm.fingerprint.hex()[:12]}...); decode it with the model that "
+      f"{expected.hex()[:12]}...); decode it with the model that "
       "compressed it"
     )
   if header.family != FAMILY_IDS[cm.family]:

@@ -164,7 +164,7 @@ def _add_tiling(p: argparse.ArgumentParser):
     type=_size,
     default=None,
     help="the decoder's memory budget --tile auto plans for, e.g. 16G "
-    "(default: the memory available now)",
+    "(default: the machine's memory or its cgroup limit)",
   )
 
 
@@ -190,8 +190,8 @@ def _add_limits(p: argparse.ArgumentParser, decoding: bool):
     type=_size,
     default=None,
     help="memory budget of the decode, e.g. 16G or 800M (decimal units; "
-    "GiB, MiB binary), 'inf' for no check (default: the memory available "
-    "now); a decode whose estimate exceeds it is refused",
+    "GiB, MiB binary), 'inf' for no check (default: the machine's memory "
+    "or its cgroup limit); a decode whose estimate exceeds it is refused",
   )
   p.add_argument(
     "--progress",

@@ -17,8 +17,9 @@ limit and what raises it (CLI flag, ``decompress`` keyword):
   format's own caps are 32,768 per side and 2^28 pixels;
 * gamma in [0, 4] (x_T = gamma * N(0, I); 0.8 by default);
 * memory: the estimated peak of the decode on CPU <= ``max_memory``
-  (default: the memory available now on the CPU backend, no check on
-  accelerators; ``--max-memory``); a tiled file is estimated per tile;
+  (default: the machine's physical memory or its cgroup limit on the CPU
+  backend, never the memory free at the moment; no check on accelerators;
+  ``--max-memory``); a tiled file is estimated per tile;
 * a tiled file's layout (``check_tile``): tile sides multiples of the
   model's downsampling factor (64) up to ``MAX_SIDE``, the overlap a
   multiple of the latent grid (16) and at most half a tile side, so the
@@ -46,6 +47,7 @@ import jax
 import numpy as np
 
 from cdc_jax.codec.errors import CodecError
+from cdc_jax.codec.geometry import padded_size
 
 DEFAULT_MAX_STEPS = 1000
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -68,8 +70,8 @@ def _raise_with(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  """What a decode may cost. ``max_memory`` in bytes: None for the memory
-  available when the decode starts, ``math.inf`` for no memory check."""
+  """What a decode may cost. ``max_memory`` in bytes: None for the
+  machine's memory (``machine_memory``), ``math.inf`` for no check."""
 
   max_steps: int = DEFAULT_MAX_STEPS
   max_pixels: int = DEFAULT_MAX_PIXELS
@@ -276,7 +278,7 @@ def decode_memory(
   ``height`` x ``width`` at once (padded to the model's factor): whole,
   or in tiles of ``tile = (tile height, tile width)`` pixels."""
   f = model.downsampling_factor
-  hp, wp = math.ceil(height / f) * f, math.ceil(width / f) * f
+  hp, wp = padded_size(height, width, f)
   if tile is None:
     return FIXED + batch * hp * wp * bytes_per_pixel(model)
   th, tw = min(tile[0], hp), min(tile[1], wp)
@@ -290,30 +292,28 @@ def fixed_memory(tile=None) -> float:
   return FIXED if tile is None else FIXED_TILED
 
 
-def available_memory() -> int | None:
-  """Bytes this process can still use: MemAvailable, capped by a cgroup
-  memory limit; None where neither can be read."""
+def machine_memory() -> int | None:
+  """Bytes of memory this process may hold at most: the machine's
+  physical memory (MemTotal), capped by a cgroup memory limit; None where
+  neither can be read. A stable quantity: whether a valid file decodes
+  does not depend on what else runs at that moment (a decode that then
+  does not fit what is free swaps or fails like any other program)."""
   found = []
   try:
     with open("/proc/meminfo") as f:
-      m = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M)
+      m = re.search(r"^MemTotal:\s+(\d+) kB", f.read(), re.M)
     if m:
       found.append(int(m.group(1)) * 1024)
   except OSError:
     pass
-  for limit, usage in (
-    ("memory.max", "memory.current"),  # cgroup v2
-    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
-  ):
+  for limit in ("memory.max", "memory/memory.limit_in_bytes"):  # v2, v1
     try:
       with open(os.path.join("/sys/fs/cgroup", limit)) as f:
         lim = f.read().strip()
-      with open(os.path.join("/sys/fs/cgroup", usage)) as f:
-        used = int(f.read().strip())
-    except (OSError, ValueError):
+    except OSError:
       continue
     if lim.isdigit() and int(lim) < 2**60:
-      found.append(max(int(lim) - used, 0))
+      found.append(int(lim))
   return min(found) if found else None
 
 
@@ -329,7 +329,7 @@ def memory_budget(max_memory) -> tuple[float | None, str]:
   """(bytes or None for no check, what it is) for a ``max_memory``."""
   if max_memory is None and jax.default_backend() == "cpu":
     # Measured on CPU; on accelerators only an explicit budget is checked.
-    return available_memory(), "the memory available"
+    return machine_memory(), "the machine's memory"
   if max_memory is None or math.isinf(max_memory):
     return None, "no budget"
   return float(max_memory), "the budget"

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from cdc_jax.codec.errors import CodecError
+from cdc_jax.codec.geometry import padded_size
 from cdc_jax.codec.limits import fmt_bytes, memory_budget
 from cdc_jax.models.cdc import CDC
 from cdc_jax.models.entropy import quantize
@@ -83,7 +84,7 @@ def encode_memory(model, height: int, width: int, tile=None) -> float:
   ``height`` x ``width`` image: whole, or in cores of ``tile = (core
   height, core width)`` pixels."""
   f, fy = model.downsampling_factor, model.y_factor
-  hp, wp = math.ceil(height / f) * f, math.ceil(width / f) * f
+  hp, wp = padded_size(height, width, f)
   if tile is None:
     return ENC_FIXED + hp * wp * bytes_per_pixel(model)
   crop = crop_side(tile[0], hp, fy) * crop_side(tile[1], wp, fy)
@@ -97,11 +98,11 @@ def analysis_tile(
 ) -> tuple[int, int] | None:
   """The core ``(height, width)`` in pixels of a tiled analysis, or None
   for a whole-image g_a: tiled when ``tiled`` (the file is tiled) or when
-  the whole-image estimate exceeds ``max_memory`` (None: the memory
-  available now, on CPU; as ``codec.limits.memory_budget``). The core is
+  the whole-image estimate exceeds ``max_memory`` (None: the
+  machine's memory, on CPU; as ``codec.limits.memory_budget``). The core is
   the largest square of at most ``ANALYSIS_TILE`` pixels whose estimate
   fits; if not even the smallest does, a CodecError for an explicit
-  ``max_memory``, else (the memory available now) the smallest."""
+  ``max_memory``, else (the machine's memory) the smallest."""
   budget, what = memory_budget(max_memory)
   if not tiled and (
     budget is None or encode_memory(model, height, width) <= budget

@@ -5,11 +5,14 @@ in order, the magic, the format version, the length, the CRC32, then the
 stream table and the header fields, so a damaged file fails with a
 specific ``BitstreamError`` before anything is decoded.
 
-Two versions: v1 (whole-image decoding) and v2, which adds a tile layout
-(tile height, width and overlap in pixels) after the v1 fields. ``pack``
-writes the oldest version that can hold the header, so untiled files are
-byte for byte what v1 wrote, and a v1-only reader refuses a tiled file
-("made by a newer cdc_jax") instead of decoding it another way.
+Three versions, one header layout: v1 (whole-image decoding), v2 (v1 plus
+a tile layout: tile height, width and overlap in pixels after the v1
+fields) and v3, the current one: v2's fields (the tile layout all 0 for a
+whole-image decode), with the y tables chosen by the exact integer scale
+path (``coding.scale_index``) and a fingerprint of the bitstream (what
+entropy decoding depends on) instead of the whole model. v1 and v2 files
+stay readable; ``Header.version`` says which rules the codec decodes a
+file by, and ``pack`` writes the version the header names.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from cdc_jax.coding.errors import BitstreamError
 from cdc_jax.coding.range_coder import words_to_bytes
 
 MAGIC = b"CDCJ"
-FORMAT_VERSION = 2  # the newest this module reads and writes
-UNTILED_VERSION = 1  # what an untiled file is written as
+FORMAT_VERSION = 3  # the newest this module reads, and what it writes
+LEGACY_VERSIONS = (1, 2)  # float scale indexes, whole-model fingerprint
 FAMILY_EPS = 0
 FAMILY_X = 1
 SAMPLER_DDIM = 0  # DDIM, eta = 0
@@ -48,9 +51,11 @@ class Header:
 
   gamma is stored as float32; ``flags`` is reserved (0, ignored). A tile
   layout (``tile_height`` x ``tile_width`` pixels, tiles overlapping by at
-  least ``tile_overlap``; all 0 for a whole-image decode) makes a v2 file.
-  Which layouts a model can decode is the codec's business
+  least ``tile_overlap``; all 0 for a whole-image decode). Which layouts a
+  model can decode is the codec's business
   (``cdc_jax.codec.limits.check_tile``); here they only have to fit u16.
+  ``version``: the format version (a v1 file has no tile layout, a v2
+  file has one, a v3 file either).
   """
 
   fingerprint: bytes
@@ -65,6 +70,7 @@ class Header:
   tile_height: int = 0
   tile_width: int = 0
   tile_overlap: int = 0
+  version: int = FORMAT_VERSION
 
   def __post_init__(self):
     if not isinstance(self.fingerprint, bytes) or len(self.fingerprint) != 16:
@@ -94,6 +100,13 @@ class Header:
         "a tile layout needs a tile height and width (or all three 0), got "
         f"{self.tile_height}x{self.tile_width}, overlap {self.tile_overlap}"
       )
+    if self.version not in (*LEGACY_VERSIONS, FORMAT_VERSION):
+      raise ValueError(f"unknown format version {self.version!r}")
+    if self.version == 1 and self.tile_height:
+      raise ValueError("a v1 file has no tile layout")
+    if self.version == 2 and not self.tile_height:
+      raise ValueError("a v2 file has a tile layout")
+    object.__setattr__(self, "version", int(self.version))
     object.__setattr__(self, "family", int(self.family))
     object.__setattr__(self, "sampler", int(self.sampler))
     g = float(self.gamma)
@@ -106,8 +119,8 @@ class Header:
 
 
 def pack(header: Header, streams: Sequence) -> bytes:
-  """Serializes the header and streams (bytes or np.uint32 words): v1
-  without a tile layout, v2 with one."""
+  """Serializes the header and streams (bytes or np.uint32 words) in the
+  format version ``header.version``."""
   if not isinstance(header, Header):
     header = Header(**dict(header))
   blobs = [
@@ -118,7 +131,7 @@ def pack(header: Header, streams: Sequence) -> bytes:
     raise ValueError(f"at most {_MAX_STREAMS} streams per file")
   if any(len(b) > 2**32 - 1 for b in blobs):
     raise ValueError("a stream is longer than 4 GiB")
-  version = FORMAT_VERSION if header.tile_height else UNTILED_VERSION
+  version = header.version
   fixed = _fixed_size(version)
   total = fixed + 4 * len(blobs) + sum(map(len, blobs)) + _CRC.size
   if total > 2**32 - 1:
@@ -166,11 +179,11 @@ def unpack(data) -> tuple[Header, list[bytes]]:
   version, fields = _check_envelope(data)
   fixed = _fixed_size(version)
   streams = _split_streams(data, fields[-1], fixed)
-  tile = _TILE.unpack_from(data, _FIXED) if version >= 2 else ()
-  if version >= 2 and tile[0] == 0:
+  tile = _TILE.unpack_from(data, _FIXED) if version >= 2 else (0, 0, 0)
+  if version == 2 and tile[0] == 0:
     raise BitstreamError("invalid header: a v2 file without a tile layout")
   try:
-    header = Header(*fields[1:-1], *tile)
+    header = Header(*fields[1:-1], *tile, version=version)
   except ValueError as e:
     raise BitstreamError(f"invalid header: {e}") from e
   return header, streams

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cdc_jax.models import layers
 from cdc_jax.models.entropy import (
@@ -39,6 +40,31 @@ from cdc_jax.models.entropy import (
 )
 
 SCALE_MIN = 0.1  # the original clamps the Gaussian scale at 0.1
+# h_s: transposed convs (kernel, stride, padding, output padding) up to
+# y's resolution, then one conv (kernel, stride, padding) to (mu, sigma).
+H_S_UP = (5, 2, 2, 1)
+H_S_OUT = (3, 1, 1)
+
+
+def h_s_layers(context_params) -> list[tuple]:
+  """h_s's layers as ``(kernel, bias, input dilation, (pad lo, pad hi))``:
+  each is ``lax.conv_general_dilated`` of the input dilated and padded so
+  (``layers.ConvTranspose``'s form; stride-1 convs have dilation 1). The
+  leaky ReLU(0.2) follows every layer but the last, whose output channels
+  are mu, then sigma_raw. For exact re-implementations of h_s
+  (``cdc_jax.coding.scale_index``)."""
+  n = len([k for k in context_params if k.startswith("hyper_dec_")])
+  out = []
+  for i in range(n):
+    p = context_params[f"hyper_dec_{i}_0"]
+    if i == n - 1:
+      k, _, pad = H_S_OUT
+      geometry = (1, (pad, pad))
+    else:
+      k, s, pad, op = H_S_UP
+      geometry = (s, (k - 1 - pad, k - 1 - pad + op))
+    out.append((np.asarray(p["kernel"]), np.asarray(p["bias"]), *geometry))
+  return out
 
 
 class ContextModel(nn.Module):
@@ -100,9 +126,10 @@ class ContextModel(nn.Module):
     hyper_dec = []
     for i, dout in enumerate(rhdims[1:]):
       if i == len(rhdims) - 2:
-        mod = layers.Conv(dout, 3, 1, 1, dtype=f32)
+        mod = layers.Conv(dout, *H_S_OUT, dtype=f32)
       else:
-        mod = layers.ConvTranspose(dout, 5, 2, 2, output_padding=1, dtype=f32)
+        k, s, p, op = H_S_UP
+        mod = layers.ConvTranspose(dout, k, s, p, output_padding=op, dtype=f32)
       hyper_dec.append({"0": mod})
     self.hyper_dec = hyper_dec
 
