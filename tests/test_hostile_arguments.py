@@ -19,6 +19,7 @@ import pytest
 from cdc_jax import cli_errors, evaluate, files, imageio, jobs
 from cdc_jax.codec import cli as codec_cli
 from cdc_jax.codec import limits
+from cdc_jax.codec.errors import check_family
 from cdc_jax.errors import SettingError, UserError
 from cdc_jax.eval import datasets, pipeline, report
 from cdc_jax.train_config import TrainingError, validate_config
@@ -361,3 +362,14 @@ def test_a_missing_dataset_folder_says_it_once(tmp_path):
   msg = str(e.value)
   assert "folder folder" not in msg and "no such folder" in msg
   assert "--data" in msg
+
+
+def test_a_header_that_does_not_match_names_the_field():
+  ids = {"eps": 0, "x": 1}
+  with pytest.raises(UserError) as e:
+    check_family(1, "eps", ids, 1)
+  assert str(e.value) == (
+    "the file's header names model family id 1, this model is eps (0)"
+  )
+  with pytest.raises(UserError, match="the file holds 2 streams, not 1"):
+    check_family(0, "eps", ids, 2)

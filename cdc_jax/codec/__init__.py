@@ -40,7 +40,7 @@ import numpy as np
 
 from cdc_jax import diffusion, entropy_tables, model_dir
 from cdc_jax.codec import fingerprint, limits, tiled_analysis, tiling
-from cdc_jax.codec.errors import CodecError
+from cdc_jax.codec.errors import CodecError, check_family
 from cdc_jax.codec.geometry import pad_image, padded_size  # noqa: F401
 from cdc_jax.codec.limits import (  # noqa: F401 (the API re-exports them)
   DEFAULT_MAX_PIXELS,
@@ -389,13 +389,7 @@ def parse(
       f"{expected.hex()[:12]}...); decode it with the model that "
       "compressed it"
     )
-  if header.family != FAMILY_IDS[cm.family]:
-    raise CodecError(
-      f"the file's header names model family id {header.family}, this "
-      f"model is {cm.family} ({FAMILY_IDS[cm.family]})"
-    )
-  if len(streams) != 1:
-    raise CodecError(f"the file holds {len(streams)} streams, not 1")
+  check_family(header.family, cm.family, FAMILY_IDS, len(streams))
   limits.check_header(header, cm.schedule.timesteps, lim or Limits(), cm.model)
   return header, streams[0]
 
