@@ -96,6 +96,24 @@ def test_a_fifo_is_written_to_not_replaced(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["pipe"]
 
 
+@pytest.mark.skipif(
+  not os.path.exists("/dev/full"), reason="needs /dev/null and /dev/full"
+)
+def test_devices_are_written_to_never_replaced():
+  # Asked first, so a regression fails here instead of replacing the
+  # machine's device nodes.
+  for dev in ("/dev/null", "/dev/full"):
+    assert files.check_output(dev) == ("stream", dev)
+  before = os.stat("/dev/null")
+  files.write_atomic("/dev/null", b"gone")
+  after = os.stat("/dev/null")
+  assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino
+  with pytest.raises(files.WriteError) as e:
+    files.write_atomic("/dev/full", b"x" * 65536)
+  assert str(e.value) == "/dev/full: cannot write (No space left on device)"
+  assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
 def test_a_symlink_is_written_through_to_its_target(tmp_path):
   target = tmp_path / "real.png"
   target.write_bytes(b"old")
