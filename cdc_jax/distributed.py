@@ -37,6 +37,8 @@ from collections.abc import Mapping
 
 import jax
 
+from cdc_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 ENV_COORDINATOR = "CDC_COORDINATOR"
@@ -64,7 +66,7 @@ _SLURM_VARS = (
 )
 
 
-class DistributedError(ValueError):
+class DistributedError(UserError, ValueError):
   """Multi-process settings that cannot work (one line, for the user)."""
 
 

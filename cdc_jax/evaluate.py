@@ -27,11 +27,15 @@ import itertools
 import os
 import sys
 
+from cdc_jax import cli_errors, files
+from cdc_jax.errors import SettingError
+
 PROG = "python -m cdc_jax.evaluate"
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+  first = __doc__.split("\n\n")[0]  # the first paragraph, whole
+  p = argparse.ArgumentParser(prog=PROG, description=" ".join(first.split()))
   p.add_argument("--model", action="append", required=True, help="[label=]path")
   p.add_argument(
     "--dataset",
@@ -51,10 +55,21 @@ def parser() -> argparse.ArgumentParser:
     help="tfds: only: a dataset's preprocessing (kodak, tecnick, div2k, "
     "coco, clic; folder = as they are)",
   )
-  p.add_argument("--out", required=True, help="report folder")
-  p.add_argument("--limit", type=int, default=None, help="first N images")
-  p.add_argument("--steps", default="", help="decode steps, e.g. 17,65")
-  p.add_argument("--gammas", default="0.8", help="x_T scales, e.g. 0.6,0.8")
+  p.add_argument(
+    "--out", required=True, help="report folder (created if missing)"
+  )
+  p.add_argument(
+    "--limit",
+    type=cli_errors.positive_int,
+    default=None,
+    help="first N images (N >= 1)",
+  )
+  p.add_argument(
+    "--steps", type=_ints, default=(), help="decode steps, e.g. 17,65"
+  )
+  p.add_argument(
+    "--gammas", type=_floats, default=(0.8,), help="x_T scales, e.g. 0.6,0.8"
+  )
   p.add_argument("--baselines", default="jpeg,webp,avif")
   p.add_argument("--anchor", default="jpeg", help="BD-rate anchor codec")
   p.add_argument(
@@ -65,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--qualities",
-    default="",
+    type=_qualities,
+    default=(),
     help="the baselines' quality grid, e.g. 10,30,50 (default: per codec)",
   )
   p.add_argument("--save-reconstructions", action="store_true")
@@ -100,7 +116,7 @@ def _add_metric_flags(p: argparse.ArgumentParser) -> None:
   )
   p.add_argument(
     "--kid-subset-size",
-    type=int,
+    type=cli_errors.positive_int,
     default=1000,
     help="KID subset size (100 subsets; clipped to the patch count)",
   )
@@ -110,16 +126,37 @@ def _add_metric_flags(p: argparse.ArgumentParser) -> None:
     help="FID/KID on the 256-px tiles only, without the 128-px-shifted pass",
   )
   p.add_argument(
-    "--fid-batch", type=int, default=32, help="patches per Inception call"
+    "--fid-batch",
+    type=cli_errors.positive_int,
+    default=32,
+    help="patches per Inception call",
   )
 
 
 def _ints(text: str) -> tuple[int, ...]:
-  return tuple(int(v) for v in text.split(",") if v)
+  """'17,65' -> (17, 65): positive integers."""
+  return tuple(cli_errors.positive_int(v) for v in text.split(",") if v.strip())
+
+
+def _qualities(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"not a list of integers: {text!r} (e.g. 10,30,50)"
+    ) from None
 
 
 def _floats(text: str) -> tuple[float, ...]:
-  return tuple(float(v) for v in text.split(",") if v)
+  try:
+    out = tuple(float(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    out = ()
+  if not out:
+    raise argparse.ArgumentTypeError(
+      f"not a list of numbers: {text!r} (e.g. 0.6,0.8)"
+    )
+  return out
 
 
 def load_images(args):
@@ -143,23 +180,48 @@ def load_images(args):
   return out
 
 
-def load_models(specs: list[str]) -> dict:
-  from cdc_jax import codec
-
-  models = {}
+def model_specs(specs: list[str]) -> dict[str, str]:
+  """``[label=]path`` flags -> {label: path}; a label given twice (or two
+  paths with one folder name) is refused, not silently merged."""
+  out: dict[str, str] = {}
   for spec in specs:
     label, _, path = spec.rpartition("=")
     label = label or os.path.basename(os.path.normpath(path))
-    models[label] = codec.load(path)
-  return models
+    if label in out:
+      raise SettingError(
+        f"--model {spec}: the label {label!r} is already used by "
+        f"--model {out[label]}; give each model its own, --model "
+        "LABEL=PATH"
+      )
+    out[label] = path
+  return out
+
+
+def load_models(specs: list[str]) -> dict:
+  from cdc_jax import codec
+
+  return {label: codec.load(p) for label, p in model_specs(specs).items()}
+
+
+def check_paths(args) -> None:
+  """The --model labels, --out and a dataset's --data folder, before any
+  model or image is read."""
+  from cdc_jax.data import tfds_source
+  from cdc_jax.eval import datasets
+
+  model_specs(args.model)
+  files.check_folder(args.out, "report folder (--out)")
+  tfds = args.dataset.startswith(tfds_source.PREFIX)
+  if args.dataset != "held_out" and not tfds:
+    datasets.check_folder(args.dataset, args.data)
 
 
 def run(args) -> dict:
   from cdc_jax.eval import pipeline
 
   opts = pipeline.Options(
-    steps=_ints(args.steps),
-    gammas=_floats(args.gammas),
+    steps=args.steps,
+    gammas=args.gammas,
     baselines=tuple(b for b in args.baselines.split(",") if b),
     anchor=args.anchor,
     references=args.references,
@@ -172,13 +234,15 @@ def run(args) -> dict:
     kid_subset_size=args.kid_subset_size,
     shifted_patches=not args.no_shifted_patches,
     fid_batch=args.fid_batch,
-    qualities=_ints(args.qualities),
+    qualities=args.qualities,
   )
-  # Bad options and weight files fail before any work.
+  # Bad options, paths and weight files fail before any work.
+  check_paths(args)
   pipeline.check(opts)
   lpips_fn = pipeline.lpips_of(opts)
   extractor = pipeline.inception_of(opts)
   models = load_models(args.model)
+  pipeline.check_anchor(opts, models)
   images = load_images(args)
   result = pipeline.evaluate(
     models, images, args.out, opts, lpips_fn, extractor
@@ -186,20 +250,18 @@ def run(args) -> dict:
   print("\n".join(pipeline.cdc_vs_baseline(result["rows"])))
   print(pipeline.report.summary_table(result["summary"]))
   print("\n".join(pipeline.fid_lines(result)))
+  print("\n".join(result["notes"]))
   print(f"report: {os.path.abspath(args.out)}")
   return result
 
 
+@cli_errors.user_errors(PROG)
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
-  from cdc_jax import cli_errors, compile_cache
-  from cdc_jax.jobs import USER_ERRORS
+  from cdc_jax import compile_cache
 
   compile_cache.enable()  # CDC_COMPILE_CACHE=off turns it off
-  try:
-    run(args)
-  except USER_ERRORS as e:
-    return cli_errors.report(PROG, e)
+  run(args)
   return 0
 
 

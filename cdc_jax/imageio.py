@@ -1,10 +1,11 @@
-"""Images in and out: decoding files to uint8 RGB, writing files atomically,
-and the model's pixel range.
+"""Images in and out: decoding files to uint8 RGB, writing PNGs, and the
+model's pixel range.
 
 * ``load_image``: any file Pillow reads -> uint8 [H, W, 3] (``ImageError``
-  names the file and the problem).
-* ``write_atomic`` / ``save_png``: a temporary file in the target folder,
-  then a rename, so a failure never leaves a partial file.
+  names the file and the problem); the pixel limit is checked from the
+  header, before decoding.
+* ``save_png``: a PNG through ``cdc_jax.files.write_atomic`` (re-exported
+  here with ``WriteError``), the one way outputs are written.
 * ``to_float`` / ``to_uint8``: uint8 <-> the model's [-1, 1] floats, the
   latter as the original saves images.
 """
@@ -14,15 +15,26 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from cdc_jax import files
+from cdc_jax.errors import UserError
+from cdc_jax.files import WriteError, write_atomic  # noqa: F401 (the API)
+
 logger = logging.getLogger(__name__)
 
+# Images of more pixels are refused from their header, before decoding,
+# where the caller gives no limit of its own (the codec: --max-pixels).
+# The codec's default limit; Pillow's own warns at 89 Mpx.
+MAX_PIXELS = 40_000_000
+# 16-bit PNG pixel layouts -> the unpacker that yields their low bytes.
+_LOW_BYTES = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
 
-class ImageError(ValueError):
+
+class ImageError(UserError, ValueError):
   """An image file is missing, unreadable or unusable.
 
   Attributes:
@@ -82,47 +94,50 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
   return np.ascontiguousarray(rgb)
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
+def load_image(
+  path: str | os.PathLike, max_pixels: int | None = None, hint: str = ""
+) -> np.ndarray:
   """Decodes an image file into uint8 RGB.
 
   The EXIF orientation tag is applied. Grayscale (1, L, I;16, I, F),
-  palette, CMYK and other modes are converted to RGB; 16-bit data is
-  rescaled (65535 -> 255), not clipped. Alpha channels are dropped, not
-  composited: the colour values are kept as stored.
+  palette, CMYK and other modes are converted to RGB; 16-bit data
+  (grey, RGB, RGBA) is rescaled (65535 -> 255) and rounded, not clipped
+  or truncated. Alpha channels are dropped, not composited: the colour
+  values are kept as stored.
 
   Args:
-    path: the image file.
+    path: the image file (a regular file, or a link to one).
+    max_pixels: images of more pixels are refused from the size in the
+      file's header, before decoding (default ``MAX_PIXELS``).
+    hint: appended to that refusal (how to raise the limit).
 
   Returns:
     A uint8 array of shape [H, W, 3].
 
   Raises:
-    ImageError: the file is missing, empty, not an image, truncated or
-      corrupt, or decodes to a zero-size image. The message names the
-      file and the problem.
+    ImageError: the file is missing, not a regular file, empty, not an
+      image, over ``max_pixels``, truncated or corrupt, or decodes to a
+      zero-size image. The message names the file and the problem.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise ImageError(path, "file not found")
-  if not os.path.isfile(path):
-    raise ImageError(path, "not a regular file")
-  if os.path.getsize(path) == 0:
+  problem, size = files.input_problem(path)
+  if problem:
+    raise ImageError(path, problem)
+  if size == 0:
     raise ImageError(path, "file is empty (0 bytes)")
+  limit = MAX_PIXELS if max_pixels is None else max_pixels
   try:
-    with Image.open(path) as img:
-      img.load()
-      try:
-        img = ImageOps.exif_transpose(img)
-      except Exception as e:
-        # A malformed EXIF block shouldn't cost the pixels.
-        logger.debug("%s: ignoring EXIF orientation (%s)", path, e)
-      if img.width == 0 or img.height == 0:
-        raise ImageError(path, f"zero-size image ({img.width}x{img.height})")
-      rgb = _to_rgb(img)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(path) as img:
+        _check_pixels(path, img.size, limit, hint)
+        rgb = _decode(path, img)
   except ImageError:
     raise
   except Image.UnidentifiedImageError as e:
     raise ImageError(path, "not a recognised image format") from e
+  except Image.DecompressionBombError as e:
+    raise ImageError(path, f"refused by Pillow ({e})") from None
   except Exception as e:
     # Corrupt data surfaces from Pillow's decoders as OSError,
     # SyntaxError, ValueError, struct.error, ... depending on the format.
@@ -130,34 +145,51 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
   return rgb
 
 
-class WriteError(OSError):
-  """An output file cannot be written; the message names it and why."""
+def _check_pixels(path: str, size, limit: int, hint: str) -> None:
+  w, h = size
+  if w * h > limit:
+    raise ImageError(
+      path,
+      f"image size {w}x{h} ({w * h:,} pixels) is over the limit of "
+      f"{limit:,} pixels{f' ({hint})' if hint else ''}",
+    )
 
 
-def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
-  """Writes ``payload`` to a temp file in the target folder, then renames.
-
-  Raises:
-    WriteError: the folder does not exist or is not writable.
-  """
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path)) or "."
-  if not os.path.isdir(d):
-    raise WriteError(f"{path}: output directory {d} does not exist")
+def _decode(path: str, img: Image.Image) -> np.ndarray:
+  """The opened image, decoded, oriented and converted to uint8 RGB."""
+  tiles = list(img.tile)  # what the decoder will unpack; load() clears it
+  img.load()
+  img = _rounded_16bit(path, img, tiles)
   try:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
-  except OSError as e:
-    raise WriteError(f"{path}: cannot write ({e.strerror})") from None
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-    os.replace(tmp, path)
-  except BaseException as e:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    if isinstance(e, OSError):
-      raise WriteError(f"{path}: cannot write ({e.strerror or e})") from None
-    raise
+    img = ImageOps.exif_transpose(img)
+  except Exception as e:
+    # A malformed EXIF block shouldn't cost the pixels.
+    logger.debug("%s: ignoring EXIF orientation (%s)", path, e)
+  if img.width == 0 or img.height == 0:
+    raise ImageError(path, f"zero-size image ({img.width}x{img.height})")
+  return _to_rgb(img)
+
+
+def _rounded_16bit(path: str, img: Image.Image, tiles: list) -> Image.Image:
+  """A decoded 16-bit RGB, RGBA or grey+alpha PNG as 8-bit RGB, rounded
+  (Pillow keeps the high byte: 51528 -> 201, where 51528 / 257 = 200.498);
+  other images as they are. The low bytes come from a second decode with
+  another unpacker."""
+  raw = tiles[0].args if len(tiles) == 1 else None
+  if raw not in _LOW_BYTES or tiles[0].codec_name != "zip":
+    return img
+  with Image.open(path) as again:
+    again.tile = [t._replace(args=_LOW_BYTES[raw]) for t in again.tile]
+    again.load()
+    low = np.asarray(again, np.uint16)
+  if raw == "LA;16B":  # low holds (grey hi, grey lo, alpha hi, alpha lo)
+    wide = np.repeat(low[..., :1] * 256 + low[..., 1:2], 3, axis=-1)
+  else:
+    wide = np.asarray(img, np.uint16)[..., :3] * 256 + low[..., :3]
+  rgb = np.round(wide.astype(np.float64) / 257.0).astype(np.uint8)
+  out = Image.fromarray(rgb, "RGB")
+  out.info = dict(img.info)  # the EXIF orientation, if any
+  return out
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -167,9 +199,9 @@ def encode_png(img: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def save_png(path: str | os.PathLike, img: np.ndarray) -> None:
-  """Writes a uint8 [H, W, 3] image as PNG, atomically."""
-  write_atomic(path, encode_png(img))
+def save_png(path: str | os.PathLike, img: np.ndarray, inputs=()) -> None:
+  """Writes a uint8 [H, W, 3] image as PNG (``files.write_atomic``)."""
+  write_atomic(path, encode_png(img), inputs)
 
 
 def to_uint8(x) -> np.ndarray:

@@ -12,26 +12,12 @@ import os
 
 import jax
 
-from cdc_jax import model_dir, train
-from cdc_jax.coding.errors import BitstreamError
+from cdc_jax import files, model_dir, train
 from cdc_jax.data.sources import HELD_OUT, EmbeddedSource
+from cdc_jax.errors import SettingError
 from cdc_jax.eval import held_out
-from cdc_jax.imageio import ImageError, WriteError
-from cdc_jax.sharding import ShardingError
 
 logger = logging.getLogger(__name__)
-
-# Errors reported as one line (and exit status 2), never as a traceback.
-USER_ERRORS = (
-  train.TrainingError,
-  ImageError,
-  WriteError,
-  model_dir.ModelError,
-  ShardingError,
-  BitstreamError,
-  FileNotFoundError,
-  ValueError,
-)
 
 
 def train_job(config, workdir: str) -> dict:
@@ -84,7 +70,7 @@ def eval_job(config, workdir: str) -> dict:
     {"workdir": cm}, image, out, opts, lpips_fn, extractor
   )
   print("\n".join(pipeline.cdc_vs_baseline(result["rows"])))
-  print("\n".join(pipeline.fid_lines(result)))
+  print("\n".join(pipeline.fid_lines(result) + result["notes"]))
   print(f"report: {out}")
   return result
 
@@ -101,19 +87,27 @@ def export_job(workdir: str) -> str | None:
   return out
 
 
-def check_workdir(workdir: str) -> None:
-  """Rejects bucket URLs (``gs://...``) as workdirs, before any work.
+def check_workdir(workdir: str, must_exist: bool = False) -> None:
+  """Rejects, before any work, a workdir that is a bucket URL
+  (``gs://...``), a file, a dangling link or a link loop; with
+  ``must_exist`` (eval, export) also one that does not exist.
 
   Checkpoints, TensorBoard events, exports and reports are written with
   local file APIs; a bucket is used through a gcsfuse mount instead.
 
   Raises:
-    ValueError: ``workdir`` is a URL.
+    SettingError: the URL; WriteError: the rest.
   """
   scheme, sep, _ = workdir.partition("://")
   if sep and scheme.isalnum():
-    raise ValueError(
+    raise SettingError(
       f"--workdir={workdir}: {scheme}:// workdirs are not supported "
       "(checkpoints, logs and exports use local file APIs); mount the "
       "bucket with gcsfuse and pass the mount path, see launch/tpu_pod.sh"
     )
+  if must_exist and not os.path.lexists(workdir):
+    raise SettingError(
+      f"--workdir={workdir}: no such folder; name the workdir of a training run"
+    )
+  if os.path.lexists(workdir):
+    files.make_output_dir(workdir, "workdir")

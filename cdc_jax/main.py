@@ -14,7 +14,8 @@ no optimizer built) on the held-out photo beside JPEG/WebP/AVIF, report in
 workdir/eval. export: writes workdir/model from the latest checkpoint.
 Multi-process runs: see cdc_jax/distributed.py and launch/.
 
-Exit status: 0 done; 2 a user error (one line on stderr); 75 preempted
+Exit status: 0 done; 2 a user error (one line on stderr); 130 Ctrl-C
+(one line; checkpoints already saved are kept); 75 preempted
 (SIGTERM, or JAX's preemption notice): a checkpoint of the current step
 was saved, rerun the same command to resume (cdc_jax/preemption.py).
 Compiled programs are cached on disk (cdc_jax/compile_cache.py;
@@ -31,6 +32,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from cdc_jax import cli_errors
 from cdc_jax.config_flags_errors import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -61,24 +63,29 @@ def main(argv):
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty
   logging.getLogger("cdc_jax").setLevel(logging.INFO)
-  # Imported here, so --help stays fast.
-  from cdc_jax import cli_errors, compile_cache, distributed, jobs, preemption
+  sys.exit(_run(_MODE.value, _CONFIG.value, _WORKDIR.value))
 
-  try:  # before anything touches a device; a no-op for one process
-    jobs.check_workdir(_WORKDIR.value)
-    distributed.initialize(_COORD.value, _NPROC.value, _PID.value, log=True)
-    compile_cache.enable(disabled=not _CACHE.value)
-    if _MODE.value == "export":
-      jobs.export_job(_WORKDIR.value)
-    elif _MODE.value == "eval":
-      jobs.eval_job(_CONFIG.value, _WORKDIR.value)
+
+@cli_errors.user_errors(None)
+def _run(mode: str, config, workdir: str) -> int:
+  # Imported here, so --help stays fast.
+  from cdc_jax import compile_cache, distributed, jobs, preemption
+
+  # Before anything touches a device; a no-op for one process.
+  jobs.check_workdir(workdir, must_exist=mode != "train")
+  distributed.initialize(_COORD.value, _NPROC.value, _PID.value, log=True)
+  compile_cache.enable(disabled=not _CACHE.value)
+  try:
+    if mode == "export":
+      jobs.export_job(workdir)
+    elif mode == "eval":
+      jobs.eval_job(config, workdir)
     else:
-      jobs.train_job(_CONFIG.value, _WORKDIR.value)
-  except jobs.USER_ERRORS as e:
-    sys.exit(cli_errors.report(None, e))
+      jobs.train_job(config, workdir)
   except preemption.Preempted as e:
     print(f"{e} (exit status {preemption.EXIT_CODE})", file=sys.stderr)
-    sys.exit(preemption.EXIT_CODE)
+    return preemption.EXIT_CODE
+  return 0
 
 
 if __name__ == "__main__":

@@ -8,12 +8,21 @@ converter exchange, and the one way to read a training workdir's params.
                        "fingerprint": hex, "source": str}
   params.npz          flat float32 arrays, keys "context_fn/enc_0_0/..."
   entropy_tables.npz  integer coding tables (``cdc_jax.entropy_tables``)
+  lpips_vgg.npz       (converted rho > 0 checkpoints only) LPIPS weights
 
 Plain JSON and ``.npz`` read with ``allow_pickle=False``: a model directory
-is data, never code. ``export`` writes a temporary directory and renames
-it into place, so a failed export never leaves a half-written model.
-``load`` also takes a training workdir (``config.json`` + Orbax
-checkpoints): its latest step's decoding params (EMA where present).
+is data, never code. ``load`` validates it before building anything
+(``cdc_jax.model_check``: every model.json field against bounds, the
+``.npz`` members' names, shapes and dtypes from their headers, no NaN or
+inf, the entropy tables); ``load`` also takes a training workdir
+(``config.json`` + Orbax checkpoints): its newest intact step's decoding
+params (EMA where present).
+
+``export`` never removes what it did not write: a new directory is built
+beside the target and renamed into place; an existing empty directory is
+filled; an existing model directory is replaced only with
+``overwrite=True``, file by file (model.json last), and then only the
+files above are touched; any other directory, or a file, is refused.
 """
 
 from __future__ import annotations
@@ -22,23 +31,34 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from cdc_jax import checkpoint, entropy_tables
+from cdc_jax import (
+  checkpoint,
+  entropy_tables,
+  files,
+  model_check,
+  npz,
+  output_dirs,
+)
+from cdc_jax.errors import UserError
 from cdc_jax.models.cdc import from_config, init_params, to_config
 
-FORMAT = "cdc_jax-model"
-VERSION = 1
+FORMAT = model_check.FORMAT
+VERSION = model_check.VERSION
 MODEL_JSON = "model.json"
 PARAMS = "params.npz"
 TABLES = "entropy_tables.npz"
+LPIPS_FILE = "lpips_vgg.npz"
+# What a model directory consists of: all export writes, or removes.
+MODEL_FILES = (MODEL_JSON, PARAMS, TABLES, LPIPS_FILE)
 WORKDIR_CONFIG = "config.json"
+EXPORT_DIR = "model"  # a training workdir's exported model
+MAX_JSON_BYTES = 1 << 20
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
   """A model directory that is missing, incomplete or malformed."""
 
 
@@ -102,14 +122,25 @@ def export(
   params,
   source: str = "",
   tables: dict[str, np.ndarray] | None = None,
+  overwrite: bool = False,
+  extra: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> str:
-  """Writes a model directory atomically; returns its fingerprint.
+  """Writes a model directory (the rules above); returns its fingerprint.
 
-  The entropy tables are computed from the params unless given.
+  The entropy tables are computed from the params unless given. ``extra``:
+  more ``.npz`` files of ``MODEL_FILES`` (``{LPIPS_FILE: arrays}``).
+
+  Raises:
+    WriteError: ``directory`` is a file, a directory that is not a model
+      directory and not empty, or a model directory and not ``overwrite``;
+      nothing is written then.
   """
+  how = check_export_target(directory, overwrite)
   model_config = to_config(model_config)
   diffusion_config = dict(diffusion_config)
   params = {k: v for k, v in dict(params).items()}
+  flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
+  model_check.check_finite(directory, flat, ModelError, "nothing was written")
   if tables is None:
     tables = entropy_tables.build(from_config(model_config), params)
   fp = fingerprint(model_config, diffusion_config, params)
@@ -121,28 +152,34 @@ def export(
     "fingerprint": fp,
     "source": source,
   }
-  directory = os.path.abspath(directory)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-model-", dir=parent)
-  try:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
-    np.savez(os.path.join(tmp, PARAMS), **flat)
-    np.savez(os.path.join(tmp, TABLES), **tables)
-    with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.isdir(directory):
-      old = directory + ".old-" + os.path.basename(tmp)
-      os.rename(directory, old)
-      os.rename(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  payloads = {PARAMS: _npz(flat), TABLES: _npz(tables)}
+  payloads |= {name: _npz(arrays) for name, arrays in (extra or {}).items()}
+  payloads[MODEL_JSON] = json.dumps(meta, indent=2, sort_keys=True).encode()
+  output_dirs.write_dir(directory, payloads, MODEL_FILES, how)
   return fp
+
+
+def _npz(arrays: dict[str, np.ndarray]):
+  return lambda f: np.savez(f, **arrays)
+
+
+def check_export_target(directory: str, overwrite: bool = False) -> str:
+  """How ``export`` would write ``directory`` (``output_dirs``:
+  "new", "fill" or "replace"); raises ``files.WriteError`` where it must not
+  write. Cheap: callers check before any work."""
+  return output_dirs.check_output_dir(
+    directory, _is_exported, overwrite, "model directory"
+  )
+
+
+def _is_exported(directory: str) -> bool:
+  """Whether ``directory`` holds a model.json this format wrote."""
+  path = os.path.join(directory, MODEL_JSON)
+  try:
+    meta = json.loads(files.read_input(path, MODEL_JSON, MAX_JSON_BYTES))
+  except (files.ReadError, ValueError):
+    return False
+  return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def is_model_dir(path: str) -> bool:
@@ -175,30 +212,43 @@ def load(path: str, verify: bool = True) -> LoadedModel:
   )
 
 
-def _read_npz(path: str, what: str) -> dict[str, np.ndarray]:
+def _read_meta(path: str) -> dict:
   try:
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
-  except (OSError, ValueError) as e:
-    raise ModelError(f"{path}: cannot read {what} ({e})") from None
+    text = files.read_input(path, MODEL_JSON, MAX_JSON_BYTES)
+    meta = json.loads(text)
+  except files.ReadError as e:
+    raise ModelError(str(e)) from None
+  except ValueError as e:
+    raise ModelError(f"{path}: unreadable model.json ({e})") from None
+  return model_check.check_meta(meta, path, ModelError)
+
+
+def _read_params(directory: str, model_config: dict) -> dict:
+  """params.npz: member headers against the model, then the arrays."""
+  where = os.path.join(directory, MODEL_JSON)
+  shapes = model_check.expected_params(model_config, where, ModelError)
+  path = os.path.join(directory, PARAMS)
+  found = npz.headers(path, ModelError)
+  model_check.check_param_headers(path, found, shapes, ModelError)
+  return npz.read(path, ModelError)
+
+
+def _read_tables(path: str, model_config: dict) -> dict[str, np.ndarray]:
+  model = from_config(model_config)
+  f = model.downsampling_factor
+  z_channels = model.latent_shapes(1, f, f)["z"][-1]
+  found = npz.headers(path, ModelError)
+  model_check.check_table_headers(path, found, z_channels, ModelError)
+  arrays = npz.read(path, ModelError)
+  model_check.check_tables(path, arrays, ModelError)
+  return arrays
 
 
 def _load_model_dir(directory: str, verify: bool) -> LoadedModel:
-  meta_path = os.path.join(directory, MODEL_JSON)
-  try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ModelError(f"{meta_path}: unreadable model.json ({e})") from None
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    raise ModelError(f"{meta_path}: not a cdc_jax model description")
-  if meta.get("version", 0) > VERSION:
-    raise ModelError(
-      f"{meta_path}: model format v{meta.get('version')} is newer than this "
-      f"cdc_jax reads (v{VERSION}); upgrade cdc_jax"
-    )
-  params = unflatten(_read_npz(os.path.join(directory, PARAMS), "parameters"))
-  fp = meta.get("fingerprint", "")
+  meta = _read_meta(os.path.join(directory, MODEL_JSON))
+  flat = _read_params(directory, meta["model"])
+  params = unflatten(flat)
+  fp = meta["fingerprint"]
   if verify:
     actual = fingerprint(meta["model"], meta["diffusion"], params)
     if actual != fp:
@@ -206,9 +256,10 @@ def _load_model_dir(directory: str, verify: bool) -> LoadedModel:
         f"{directory}: parameters do not match the fingerprint in "
         "model.json (the files were modified or mixed up)"
       )
+  model_check.check_finite(os.path.join(directory, PARAMS), flat, ModelError)
   tables_path = os.path.join(directory, TABLES)
-  if os.path.isfile(tables_path):
-    tables = _read_npz(tables_path, "tables")
+  if os.path.lexists(tables_path):
+    tables = _read_tables(tables_path, meta["model"])
   else:  # an older export without tables: compute them
     tables = entropy_tables.build(from_config(meta["model"]), params)
   return LoadedModel(
@@ -223,14 +274,17 @@ def _load_model_dir(directory: str, verify: bool) -> LoadedModel:
 
 
 def read_workdir_config(workdir: str):
-  """The run config saved in a training workdir (``config.json``)."""
+  """The run config saved in a training workdir (``config.json``), its
+  model and diffusion sections checked as model.json's are."""
   import ml_collections
 
   path = os.path.join(workdir, WORKDIR_CONFIG)
   try:
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError, TypeError) as e:
+    text = files.read_input(path, "run config", MAX_JSON_BYTES)
+    config = ml_collections.ConfigDict(json.loads(text))
+  except files.ReadError as e:
+    raise ModelError(str(e)) from None
+  except (ValueError, TypeError, AttributeError) as e:
     raise ModelError(f"{path}: unreadable run config ({e})") from None
   for section in ("model", "diffusion"):
     if section not in config:
@@ -238,19 +292,25 @@ def read_workdir_config(workdir: str):
         f"{path}: the run config has no '{section}' section; is this a "
         "cdc_jax training workdir?"
       )
+  model_check.check_model(to_config(config.model.to_dict()), path, ModelError)
+  model_check.check_diffusion(_diffusion_of(config), path, ModelError)
   return config
 
 
+def _diffusion_of(config) -> dict:
+  d = config.diffusion
+  return {"schedule": d.get("schedule"), "timesteps": d.get("timesteps")}
+
+
 def load_workdir(workdir: str) -> LoadedModel:
-  """The latest complete checkpoint of a training workdir, params only."""
+  """The newest intact checkpoint of a training workdir, params only."""
   import jax
 
   config = read_workdir_config(workdir)
-  model_config = to_config(config.model)
-  diffusion_config = {
-    "schedule": config.diffusion.schedule,
-    "timesteps": int(config.diffusion.timesteps),
-  }
+  model_config = to_config(config.model.to_dict())
+  diffusion_config = _diffusion_of(config)
+  where = os.path.join(workdir, WORKDIR_CONFIG)
+  model_check.expected_params(model_config, where, ModelError)
   model = from_config(model_config)
   abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
   try:
@@ -260,6 +320,9 @@ def load_workdir(workdir: str) -> LoadedModel:
       f"{workdir}: the workdir has no complete checkpoint yet"
     ) from None
   params = jax.tree.map(np.asarray, params)
+  model_check.check_finite(
+    f"{workdir} step {step}", flatten(params), ModelError
+  )
   return LoadedModel(
     model_config,
     diffusion_config,
@@ -272,9 +335,12 @@ def load_workdir(workdir: str) -> LoadedModel:
 
 
 def export_workdir(workdir: str, directory: str | None = None) -> str:
-  """``--mode=export``: writes ``workdir/model`` from the latest step."""
+  """``--mode=export``: writes ``workdir/model`` from the newest intact
+  step, replacing the model directory an earlier export or training
+  wrote there (any other content there is refused)."""
+  out = directory or os.path.join(workdir, EXPORT_DIR)
+  check_export_target(out, overwrite=True)
   loaded = load_workdir(workdir)
-  out = directory or os.path.join(workdir, "model")
   export(
     out,
     loaded.model_config,
@@ -282,5 +348,6 @@ def export_workdir(workdir: str, directory: str | None = None) -> str:
     loaded.params,
     source=f"exported from {loaded.source}",
     tables=loaded.tables,
+    overwrite=True,
   )
   return out

@@ -13,8 +13,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cdc_jax.errors import UserError
 
-class ShardingError(ValueError):
+
+class ShardingError(UserError, ValueError):
   """A batch that cannot be split over the devices and processes."""
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +191,28 @@ def recorded_events(name: str):
     yield seen
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+def run_limited(
+  code: str, memory: int = 3 << 30, timeout: float = 120, cwd=None
+) -> subprocess.CompletedProcess:
+  """Runs ``python -c code`` with its address space capped at ``memory``
+  bytes (``RLIMIT_AS``, set first thing in the child) and a wall-clock
+  ``timeout``: a test of a memory or work bound whose regression fails
+  instead of taking the machine down. JAX on CPU; returns the completed
+  process (text output)."""
+  prologue = (
+    "import resource\n"
+    f"resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+  return subprocess.run(
+    [sys.executable, "-c", prologue + code],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=env,
+    cwd=cwd,
+  )

@@ -31,7 +31,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from cdc_jax import checkpoint, diffusion, model_dir, preemption, sharding
+from cdc_jax import (
+  checkpoint,
+  diffusion,
+  files,
+  model_dir,
+  preemption,
+  sharding,
+)
 from cdc_jax.convert.lpips import LPIPSWeightsError
 from cdc_jax.convert.lpips import load_params as load_lpips
 from cdc_jax.data.pipeline import BatchIterator, make_loader
@@ -40,56 +47,19 @@ from cdc_jax.imageio import write_atomic
 from cdc_jax.models.cdc import CDC, from_config, to_config
 from cdc_jax.optim import make_optimizer
 from cdc_jax.sample import Sampler
+from cdc_jax.train_config import (  # noqa: F401 (re-exported)
+  TrainingError,
+  diffusion_config,
+  validate_config,
+)
 from cdc_jax.train_state import TrainState, decoding_params, from_params
 from cdc_jax.train_state import init_state as fresh_state
 from cdc_jax.train_step import make_train_step
 
 logger = logging.getLogger(__name__)
 
-MODEL_DIR = "model"
+MODEL_DIR = model_dir.EXPORT_DIR
 METRICS_JSON = "metrics.json"
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (non-finite loss, bad configuration)."""
-
-
-def validate_config(config) -> None:
-  """Errors a run would otherwise hit only after compiling."""
-  dc = config.diffusion
-  rho, path = dc.aux_weight, dc.lpips_weights
-  if not 0.0 <= rho <= 1.0:
-    raise TrainingError(f"diffusion.aux_weight (rho) = {rho} must be in [0, 1]")
-  if rho and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-    what = f"={path} is not a readable file" if path else "is not set"
-    raise TrainingError(
-      f"diffusion.aux_weight (rho) = {rho} > 0 needs LPIPS-VGG weights, but "
-      f"--config.diffusion.lpips_weights {what}; pass the lpips_vgg.npz that "
-      "`python -m cdc_jax.convert` writes beside a converted rho > 0 "
-      "checkpoint, or write one with `python -m cdc_jax.convert.lpips_cli "
-      "OUT.npz --backbone vgg16-397923af.pth` (torchvision's VGG16, "
-      "downloaded by you); or set --config.diffusion.aux_weight=0"
-    )
-  t_min = dc.get("train_t_min", 0.0)
-  floor = dc.get("loss_weight_floor", 0.0)
-  if not 0.0 <= t_min < 1.0:
-    raise TrainingError(f"diffusion.train_t_min = {t_min} must be in [0, 1)")
-  if floor < 0.0:
-    raise TrainingError(f"diffusion.loss_weight_floor = {floor} must be >= 0")
-  factor = from_config(config.model).downsampling_factor
-  if config.data.crop_size % factor:
-    raise TrainingError(
-      f"data.crop_size={config.data.crop_size} must be a multiple of "
-      f"{factor} (the model's downsampling factor)"
-    )
-
-
-def diffusion_config(config) -> dict:
-  """The diffusion section as a model directory records it."""
-  return {
-    "schedule": config.diffusion.schedule,
-    "timesteps": int(config.diffusion.timesteps),
-  }
 
 
 def export(config, state: TrainState, directory: str, source: str) -> str:
@@ -100,6 +70,7 @@ def export(config, state: TrainState, directory: str, source: str) -> str:
     diffusion_config(config),
     jax.device_get(decoding_params(state)),
     source=source,
+    overwrite=True,  # the run's own export folder
   )
 
 
@@ -362,7 +333,10 @@ def _make_loader(config) -> BatchIterator:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per ``config`` in ``workdir``; returns the final metrics."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  files.make_output_dir(workdir, "workdir")
+  # The outputs a run writes at its end, checked before it starts.
+  model_dir.check_export_target(os.path.join(workdir, MODEL_DIR), True)
+  files.check_output(os.path.join(workdir, METRICS_JSON))
   mesh = sharding.make_mesh()
   sharding.check_batch(config.train.batch_size, mesh)
   loader = _make_loader(config)

@@ -36,8 +36,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       )
     if not value:
       out[key] = True
-    else:
-      out[key] = type(defaults[key])(value)
+      continue
+    kind = type(defaults[key])
+    try:
+      out[key] = kind(value)
+    except ValueError:
+      raise ValueError(
+        f"config variant {key}={value}: not {'an' if kind is int else 'a'} "
+        f"{kind.__name__} (e.g. {key}={defaults[key] or 1000})"
+      ) from None
   return out
 
 

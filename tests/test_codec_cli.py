@@ -107,7 +107,7 @@ def test_cli_compress_and_decompress(model_dirs, tmp_path, capsys):
   png = tmp_path / "out.png"
   rc, out, err = _cli(capsys, "decompress", "--model", model, cdcj, png)
   assert rc == 0, err
-  assert f"{h}x{w}" in out
+  assert f"{w}x{h}" in out  # width x height, as every message writes sizes
   with Image.open(png) as im:
     assert im.format == "PNG" and im.size == (w, h) and im.mode == "RGB"
     ref = np.asarray(im)

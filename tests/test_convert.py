@@ -378,7 +378,7 @@ def test_python_m_cdc_jax_convert(tmp_path):
   err = done.stderr.strip().splitlines()
   assert done.returncode == 2 and len(err) == 1, done.stderr
   assert err[0].startswith("python -m cdc_jax.convert: error: ")
-  assert "no such file" in err[0] or "requirements-torch.txt" in err[0]
+  assert "not found" in err[0] or "requirements-torch.txt" in err[0]
   assert not os.path.exists(tmp_path / "o")
 
 
@@ -449,7 +449,7 @@ def test_cli_missing_file(tmp_path, capsys):
   pytest.importorskip("torch")
   status = cli.main([str(tmp_path / "nope.pt"), str(tmp_path / "o")])
   assert status == 2
-  assert "no such file" in capsys.readouterr().err
+  assert "not found" in capsys.readouterr().err
 
 
 # Layer conventions: our layers with converted torch weights vs torch.

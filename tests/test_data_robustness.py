@@ -180,7 +180,7 @@ def test_folder_without_usable_image_fails_at_first_batch(all_bad):
   msg = str(e.value)
   assert str(all_bad) in msg
   assert "all 5 files were skipped (4 unreadable, 1 smaller than" in msg
-  assert "allows a 20x20 crop" in msg
+  assert "crop_size of at most 20 that is a multiple" in msg
   with pytest.raises(ValueError, match="no usable images"):
     Loader(source, 2, CROP, seed=0).survey()
   # A crop the small image fits makes it usable.

@@ -90,8 +90,15 @@ def test_evaluate_user_errors_are_one_line(model, tmp_path, capsys):
   )
   assert rc == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "kodak folder does not exist" in err[0]
+  assert len(err) == 1 and "no such folder (the kodak dataset" in err[0]
   rc = evaluate.main(["--model", str(tmp_path), "--out", str(tmp_path / "o")])
+  assert rc == 2
+  err = capsys.readouterr().err
+  assert "the folder dataset (" in err and "needs its folder: --data" in err
+  rc = evaluate.main(
+    ["--model", str(tmp_path), "--dataset", "held_out"]
+    + ["--out", str(tmp_path / "o")]
+  )
   assert rc == 2
   assert "neither a model directory" in capsys.readouterr().err
 

@@ -80,7 +80,9 @@ def test_modified_params_are_rejected(params, tmp_path):
 def test_export_replaces_an_existing_model(params, tmp_path):
   out = str(tmp_path / "m")
   model_dir.export(out, MODEL_CONFIG, DIFFUSION, params, source="one")
-  model_dir.export(out, MODEL_CONFIG, DIFFUSION, params, source="two")
+  model_dir.export(
+    out, MODEL_CONFIG, DIFFUSION, params, source="two", overwrite=True
+  )
   assert model_dir.load(out).source == "two"
   assert os.listdir(tmp_path) == ["m"]
 

@@ -10,7 +10,10 @@
 M is a model directory (exported by training, or converted from the
 released PyTorch weights) or a training workdir (its latest checkpoint,
 EMA params where present). Every user error is one line on stderr and exit
-status 2; outputs are written atomically. A decode shows a progress bar
+status 2 (Ctrl-C: one line, 130). The input and output paths are checked
+before the model loads, and outputs follow ``cdc_jax.files``' rules (never
+over the input; a device, FIFO or ``-`` is written to, a link written
+through, never replaced). A decode shows a progress bar
 (steps, s/step, ETA) on a terminal; the limits a file's header must meet
 are in ``cdc_jax.codec.limits``. ``--tile`` writes a file that decodes in
 tiles of bounded memory (``cdc_jax.codec.tiling``); ``--tile auto`` does so
@@ -25,41 +28,58 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from cdc_jax import cli_errors, codec, compile_cache, samplers
+from cdc_jax import cli_errors, codec, compile_cache, files, samplers
 from cdc_jax.codec import limits
-from cdc_jax.imageio import (
-  ImageError,
-  WriteError,
-  load_image,
-  save_png,
-  write_atomic,
-)
+from cdc_jax.coding import container
+from cdc_jax.imageio import ImageError, load_image, save_png, write_atomic
+
+# A .cdcj file is refused unread when it is larger than this many bytes
+# per pixel that --max-pixels allows (64 bits per pixel; real files take
+# well under 2), and never above the format's u32 size field.
+MAX_FILE_BYTES_PER_PIXEL = 8
+MAX_FILE_BYTES = 2**32 - 1
+PIXELS_HINT = "raise the limit with --max-pixels"
+
+
+def max_file_bytes(max_pixels: int) -> int:
+  """The largest .cdcj file read with ``max_pixels``."""
+  return min(MAX_FILE_BYTES, 65536 + MAX_FILE_BYTES_PER_PIXEL * max_pixels)
 
 
 def compress_file(cm, src: str, dst: str, **kw) -> codec.Compressed:
-  """Image file -> .cdcj file; returns the Compressed result."""
+  """Image file -> .cdcj file; returns the Compressed result. The output
+  is checked before the image is read (``files.check_output``)."""
+  files.check_output(dst, inputs=[src])
+  max_pixels = kw.get("max_pixels", codec.DEFAULT_MAX_PIXELS)
   try:
-    img = load_image(src)
+    img = load_image(src, max_pixels, PIXELS_HINT)
   except ImageError as e:
     raise codec.CodecError(str(e)) from None
-  res = codec.compress_image(cm, img, **kw)
-  write_atomic(dst, res.data)
+  try:
+    res = codec.compress_image(cm, img, **kw)
+  except codec.CodecError as e:
+    raise codec.CodecError(f"{src}: {e}") from None
+  write_atomic(dst, res.data, inputs=[src])
   return res
 
 
 def decompress_file(cm, src: str, dst: str, **kw) -> np.ndarray:
   """.cdcj file -> PNG file; returns the image (keywords: the limits and
-  ``progress`` of ``codec.decompress``)."""
+  ``progress`` of ``codec.decompress``). The output is checked and the
+  input's kind, size and magic bytes before the file is read whole."""
+  files.check_output(dst, inputs=[src])
+  limit = max_file_bytes(kw.get("max_pixels", codec.DEFAULT_MAX_PIXELS))
   try:
-    with open(src, "rb") as f:
-      blob = f.read()
-  except OSError as e:
-    raise codec.CodecError(f"{src}: cannot read ({e.strerror})") from None
+    blob = files.read_input(
+      src, ".cdcj file", limit, container.MAGIC, hint=PIXELS_HINT
+    )
+  except files.ReadError as e:
+    raise codec.CodecError(str(e)) from None
   try:
     img = codec.decompress(cm, blob, **kw)
   except codec.CodecError as e:
     raise codec.CodecError(f"{src}: {e}") from None
-  save_png(dst, img)
+  save_png(dst, img, inputs=[src])
   return img
 
 
@@ -97,25 +117,31 @@ def _size(text: str) -> float:
     raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive(text: str) -> int:
+def _tile(text: str):
+  if text == "auto":
+    return text
   try:
     value = int(text)
   except ValueError:
     value = 0
   if value < 1:
-    raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    raise argparse.ArgumentTypeError(
+      f"not a tile size: {text!r} (pixels, a positive multiple of the "
+      "model's downsampling factor, e.g. 512, or 'auto')"
+    )
   return value
 
 
-def _tile(text: str):
-  if text == "auto":
-    return text
+def _overlap(text: str) -> int:
   try:
-    return int(text)
+    value = int(text)
   except ValueError:
+    value = -1
+  if value < 0:
     raise argparse.ArgumentTypeError(
-      f"not a tile size: {text!r} (pixels, e.g. 512, or 'auto')"
-    ) from None
+      f"not a tile overlap: {text!r} (pixels, 0 or more, e.g. 64)"
+    )
+  return value
 
 
 def _add_tiling(p: argparse.ArgumentParser):
@@ -129,7 +155,7 @@ def _add_tiling(p: argparse.ArgumentParser):
   )
   p.add_argument(
     "--tile-overlap",
-    type=int,
+    type=_overlap,
     default=None,
     help="pixels neighbouring tiles share at least (a multiple of 16, at "
     "most half a tile; default min(128, N/2))",
@@ -147,14 +173,14 @@ def _add_limits(p: argparse.ArgumentParser, decoding: bool):
   what = "a file may ask for" if decoding else "to allow (decoding needs it)"
   p.add_argument(
     "--max-steps",
-    type=_positive,
+    type=cli_errors.positive_int,
     default=codec.DEFAULT_MAX_STEPS,
     help=f"most decode steps {what} (default {codec.DEFAULT_MAX_STEPS}; "
     "never more than the model's T)",
   )
   p.add_argument(
     "--max-pixels",
-    type=_positive,
+    type=cli_errors.positive_int,
     default=codec.DEFAULT_MAX_PIXELS,
     help=f"most pixels {what} (default {codec.DEFAULT_MAX_PIXELS:,})",
   )
@@ -252,47 +278,73 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-@cli_errors.user_errors(None, codec.CodecError, WriteError)
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  compile_cache.enable(disabled=args.no_compile_cache)
-  cm = codec.load(args.model)
-  if args.cmd == "compress":
-    res = compress_file(
+def _default_steps(cm, steps: int | None) -> int:
+  """``--steps``, or the family's default where it fits the model."""
+  if steps is not None:
+    return steps
+  steps, t = codec.DEFAULT_STEPS[cm.family], cm.schedule.timesteps
+  if steps > t:
+    raise codec.CodecError(
+      f"{cm.path}: the {cm.family} family's default of {steps} decode "
+      f"steps is more than this model's {t} diffusion steps; pass --steps "
+      f"N with N <= {t}"
+    )
+  return steps
+
+
+def _compress(cm, args) -> str:
+  res = compress_file(
+    cm,
+    args.input,
+    args.output,
+    steps=_default_steps(cm, args.steps),
+    sampler=args.sampler,
+    gamma=args.gamma,
+    seed=args.seed,
+    max_steps=args.max_steps,
+    max_pixels=args.max_pixels,
+    tile=args.tile,
+    tile_overlap=args.tile_overlap,
+    max_memory=args.max_memory,
+  )
+  lay = res.layout
+  tiles = lay and f", {lay.tile_width}x{lay.tile_height} tiles"
+  return (
+    f"{args.output}: {len(res.data)} bytes, {res.width}x{res.height}, "
+    f"{res.bpp:.4f} bpp (model estimate {res.estimated_bpp:.4f} bpp)"
+    f"{tiles or ''}"
+  )
+
+
+def _decompress(cm, args) -> str:
+  cm = codec.with_precision(cm, args.precision)
+  bar = ProgressBar(args.progress)
+  try:
+    img = decompress_file(
       cm,
       args.input,
       args.output,
-      steps=args.steps,
-      sampler=args.sampler,
-      gamma=args.gamma,
-      seed=args.seed,
       max_steps=args.max_steps,
       max_pixels=args.max_pixels,
-      tile=args.tile,
-      tile_overlap=args.tile_overlap,
       max_memory=args.max_memory,
+      progress=bar,
     )
-    lay = res.layout
-    tiles = lay and f", {lay.tile_width}x{lay.tile_height} tiles"
-    print(
-      f"{args.output}: {len(res.data)} bytes, {res.height}x{res.width}, "
-      f"{res.bpp:.4f} bpp (model estimate {res.estimated_bpp:.4f} bpp)"
-      f"{tiles or ''}"
-    )
-  else:
-    cm = codec.with_precision(cm, args.precision)
-    bar = ProgressBar(args.progress)
-    try:
-      img = decompress_file(
-        cm,
-        args.input,
-        args.output,
-        max_steps=args.max_steps,
-        max_pixels=args.max_pixels,
-        max_memory=args.max_memory,
-        progress=bar,
-      )
-    finally:
-      bar.close()
-    print(f"{args.output}: {img.shape[0]}x{img.shape[1]}")
+  finally:
+    bar.close()
+  return f"{args.output}: {img.shape[1]}x{img.shape[0]}"
+
+
+@cli_errors.user_errors(None)
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  # Paths first: a wrong name fails before the model loads.
+  what = "image" if args.cmd == "compress" else ".cdcj file"
+  files.check_input(args.input, what)
+  files.check_output(args.output, inputs=[args.input])
+  compile_cache.enable(disabled=args.no_compile_cache)
+  cm = codec.load(args.model)
+  run = _compress if args.cmd == "compress" else _decompress
+  line = run(cm, args)
+  # A summary on stdout would corrupt a file written there.
+  print(line, file=sys.stderr if files.writes_stdout(args.output) else None)
   return 0

@@ -22,7 +22,7 @@ import cdc_jax.codec.limits as limits
 import cdc_jax.codec.tiled_analysis as tiled_analysis
 import cdc_jax.codec.tiling as tiling
 from cdc_jax import samplers
-from cdc_jax.codec.errors import CodecError
+from cdc_jax.codec.errors import CodecError, check_family
 from cdc_jax.codec.geometry import pad_image, padded_size
 from cdc_jax.codec.latents import decode_latents, encode_latents, entropy_encode
 from cdc_jax.codec.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_STEPS, Limits
@@ -260,8 +260,7 @@ def parse(
       f"{expected.hex()[:12]}...); decode it with the model that "
       "compressed it"
     )
-  if header.family != FAMILY_IDS[cm.family] or len(streams) != 1:
-    raise CodecError("the file's header does not match the model")
+  check_family(header.family, cm.family, FAMILY_IDS, len(streams))
   limits.check_header(header, cm.schedule.timesteps, lim or Limits(), cm.model)
   sampler_of(header)
   return header, streams[0]

@@ -318,7 +318,11 @@ def machine_memory() -> int | None:
 
 
 def fmt_bytes(n: float) -> str:
-  return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+  if n >= 1e9:
+    return f"{n / 1e9:.1f} GB"
+  if n >= 1e6:
+    return f"{n / 1e6:.0f} MB"
+  return f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{n:.0f} bytes"
 
 
 def memory_budget(max_memory) -> tuple[float | None, str]:

@@ -1,6 +1,8 @@
 """``python -m cdc_jax.convert CHECKPOINT.pt OUTPUT_DIR``: the converter CLI.
 
-A conversion error is one line on stderr and exit status 2.
+A user error (``cdc_jax.errors.UserError``: a bad checkpoint, an output
+directory that is not new, empty or a model directory) is one line on
+stderr and exit status 2; nothing is written then.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ import argparse
 import os
 
 from cdc_jax import cli_errors, model_dir
-from cdc_jax.convert.errors import ConversionError
 from cdc_jax.convert.torch_checkpoint import LPIPS_FILE, convert_file
 
 PROG = "python -m cdc_jax.convert"
@@ -26,7 +27,17 @@ def parser() -> argparse.ArgumentParser:
     ),
   )
   p.add_argument("checkpoint", help="the .pt file")
-  p.add_argument("output_dir", help="model directory to write (replaced)")
+  p.add_argument(
+    "output_dir",
+    help="model directory to write: new or empty (an existing model "
+    "directory only with --overwrite; anything else is refused)",
+  )
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace the model directory OUTPUT_DIR holds (only its model "
+    "files: model.json, params.npz, entropy_tables.npz, lpips_vgg.npz)",
+  )
   p.add_argument(
     "--family",
     choices=("eps", "x"),
@@ -45,12 +56,12 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-@cli_errors.user_errors(PROG, ConversionError)
+@cli_errors.user_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
-  """CLI entry; returns the exit status (2 on a conversion error)."""
+  """CLI entry; returns the exit status (2 on a user error)."""
   args = parser().parse_args(argv)
   conv, fp = convert_file(
-    args.checkpoint, args.output_dir, args.family, args.ema
+    args.checkpoint, args.output_dir, args.family, args.ema, args.overwrite
   )
   m, d = conv.model_config, conv.diffusion_config
   n = len(model_dir.flatten(conv.params))

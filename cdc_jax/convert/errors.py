@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from cdc_jax.errors import UserError
+
 MAX_LISTED = 8
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """The input is not a (consistent) CDC checkpoint; the message says why."""
 
 

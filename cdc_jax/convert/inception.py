@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cdc_jax import files
 from cdc_jax.convert.errors import ConversionError, listing
 from cdc_jax.convert.torch_checkpoint import load_torch_checkpoint
 from cdc_jax.convert.transforms import CONV, SAME, Row, shape_of, to_numpy
@@ -212,15 +213,19 @@ def load_variables(path: str) -> dict[str, np.ndarray]:
 
 def save_variables(path: str, flat: Mapping[str, np.ndarray]) -> None:
   """Writes flat variables as an ``.npz`` of plain float32 arrays."""
-  with open(path, "wb") as f:
-    np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+  arrays = _float32(flat)
+  files.write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def _float32(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
 def convert_file(src: str, out: str) -> int:
-  """``src`` (.pth or .npz) -> ``out`` (.npz); returns the value count."""
+  """``src`` (.pth or .npz) -> ``out`` (.npz); returns the value count.
+  The output is checked first (``files.check_output``: its folder exists,
+  it is not ``src``)."""
+  files.check_output(out, inputs=[src])
   flat = load_variables(src)
-  out_dir = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(out_dir):
-    raise InceptionWeightsError(f"{out_dir}: no such directory")
-  save_variables(out, flat)
+  files.write_atomic(out, lambda f: np.savez(f, **_float32(flat)), inputs=[src])
   return sum(v.size for v in flat.values())

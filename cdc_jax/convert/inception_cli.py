@@ -15,7 +15,6 @@ import sys
 from cdc_jax import cli_errors
 from cdc_jax.convert.inception import (
   WEIGHTS_URLS,
-  InceptionWeightsError,
   convert_file,
 )
 
@@ -37,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-@cli_errors.user_errors(PROG, InceptionWeightsError)
+@cli_errors.user_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
   """CLI entry; returns the exit status (2 on a weights error)."""
   args = parser().parse_args(argv)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cdc_jax import model_dir
+from cdc_jax import files, model_dir
 from cdc_jax.convert.errors import ConversionError, listing
 from cdc_jax.convert.torch_checkpoint import load_torch_checkpoint
 from cdc_jax.convert.transforms import CONV, SAME, Row, shape_of, to_numpy
@@ -184,11 +184,12 @@ def params_from_torch(backbone: str, net: str = "vgg", lins: str | None = None):
   return model_dir.unflatten(flat)
 
 
-def save_params(path: str, params) -> None:
-  """Writes LPIPS params as an ``.npz`` of "a/b" keys (no pickle)."""
+def save_params(path: str, params, inputs=()) -> None:
+  """Writes LPIPS params as an ``.npz`` of "a/b" keys (no pickle),
+  refusing to write over one of ``inputs``."""
   flat = model_dir.flatten(params)
-  with open(path, "wb") as f:
-    np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+  arrays = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  files.write_atomic(path, lambda f: np.savez(f, **arrays), inputs)
 
 
 def load_params(path: str, net: str | None = None):

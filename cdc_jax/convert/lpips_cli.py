@@ -9,11 +9,9 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from cdc_jax import cli_errors, model_dir
-from cdc_jax.convert.errors import ConversionError
+from cdc_jax import cli_errors, files, model_dir
 from cdc_jax.convert.lpips import (
   TORCHVISION_FILES,
   params_from_torch,
@@ -50,15 +48,14 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-@cli_errors.user_errors(PROG, ConversionError)
+@cli_errors.user_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
   """CLI entry; returns the exit status (2 on a weights error)."""
   args = parser().parse_args(argv)
+  inputs = [args.backbone, args.lins]
+  files.check_output(args.output, inputs)  # before the weights are read
   params = params_from_torch(args.backbone, args.net, args.lins)
-  out_dir = os.path.dirname(os.path.abspath(args.output))
-  if not os.path.isdir(out_dir):
-    return cli_errors.report(PROG, f"{out_dir}: no such directory")
-  save_params(args.output, params)
+  save_params(args.output, params, inputs)
   n = sum(v.size for v in model_dir.flatten(params).values())
   print(f"LPIPS-{args.net}: {n:,} parameters -> {args.output}")
   return 0

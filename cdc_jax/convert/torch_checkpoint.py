@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cdc_jax import diffusion, model_dir
+from cdc_jax import diffusion, files, model_check, model_dir
 from cdc_jax.convert.errors import ConversionError, listing
 from cdc_jax.convert.infer import (
   BUFFER_PREFIX,
@@ -41,7 +41,7 @@ from cdc_jax.convert.tables import (
 from cdc_jax.convert.transforms import Row, shape_of, to_numpy
 from cdc_jax.models.cdc import to_config
 
-LPIPS_FILE = "lpips_vgg.npz"
+LPIPS_FILE = model_dir.LPIPS_FILE
 _EMA_PREFIX = "ema_model."
 _EMA_ONLINE_PREFIX = "online_model."
 _EMA_BOOKKEEPING = ("initted", "step")
@@ -67,8 +67,9 @@ def load_torch_checkpoint(path: str) -> Any:
       "converting PyTorch checkpoints needs torch: "
       "pip install -r requirements-torch.txt"
     ) from None
-  if not os.path.isfile(path):
-    raise ConversionError(f"{path}: no such file")
+  problem, _ = files.input_problem(path)
+  if problem:
+    raise ConversionError(f"{path}: {problem}")
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - torch raises many kinds
@@ -216,14 +217,27 @@ def convert_checkpoint(
 
 
 def convert_file(
-  path: str, out_dir: str, family: str | None = None, use_ema: bool = True
+  path: str,
+  out_dir: str,
+  family: str | None = None,
+  use_ema: bool = True,
+  overwrite: bool = False,
 ) -> tuple[Converted, str]:
-  """Converts ``path`` into the model directory ``out_dir``.
+  """Converts ``path`` into the model directory ``out_dir`` (with
+  ``out_dir/lpips_vgg.npz`` when the checkpoint has LPIPS weights).
 
-  Returns the conversion and the model fingerprint. Writes
-  ``out_dir/lpips_vgg.npz`` when the checkpoint has LPIPS weights.
+  ``out_dir`` must be new or empty, or (``overwrite``) a model directory,
+  of which only the model's files are replaced (``model_dir.export``);
+  that is checked before the checkpoint is read. Returns the conversion
+  and the model fingerprint.
   """
+  model_dir.check_export_target(out_dir, overwrite)
   conv = convert_checkpoint(load_torch_checkpoint(path), family, use_ema)
+  flat = model_dir.flatten(conv.params)
+  flat |= {f"lpips/{k}": v for k, v in (conv.lpips or {}).items()}
+  model_check.check_finite(
+    path, flat, ConversionError, "the checkpoint's weights are not usable"
+  )
   desc = f"{os.path.basename(path)} ({conv.source} weights)"
   fp = model_dir.export(
     out_dir,
@@ -231,9 +245,9 @@ def convert_file(
     conv.diffusion_config,
     conv.params,
     source=f"cdc_jax.convert: {desc}",
+    overwrite=overwrite,
+    extra={LPIPS_FILE: conv.lpips} if conv.lpips is not None else None,
   )
-  if conv.lpips is not None:
-    np.savez(os.path.join(out_dir, LPIPS_FILE), **conv.lpips)
   return conv, fp
 
 

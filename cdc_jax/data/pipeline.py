@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cdc_jax.data.loader import Loader
-from cdc_jax.data.sources import make_source
+from cdc_jax.data.sources import DataError, make_source
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,11 @@ def _options(data: Any) -> tuple[str, int]:
   pipeline = data.get("pipeline", "threads")
   workers = data.get("workers", 0)
   if pipeline not in PIPELINES:
-    raise ValueError(
+    raise DataError(
       f"--config.data.pipeline={pipeline!r} is not one of {PIPELINES}"
     )
   if not isinstance(workers, int) or workers < 0:
-    raise ValueError(
+    raise DataError(
       f"--config.data.workers={workers!r} must be an integer >= 0"
     )
   if pipeline == "threads" and workers:
@@ -107,7 +107,7 @@ def make_loader(
   try:  # only this path needs grain
     from cdc_jax.data.grain_pipeline import GrainLoader
   except ModuleNotFoundError as e:
-    raise ValueError(
+    raise DataError(
       f"--config.data.pipeline=grain needs the grain package ({e}); "
       "pip install grain==0.2.18 or use --config.data.pipeline=threads"
     ) from None

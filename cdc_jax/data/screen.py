@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from cdc_jax.data.sources import DataError
 from cdc_jax.imageio import ImageError
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class Screen:
     """Raises once every item is known to be skipped.
 
     Raises:
-      ValueError: naming the shard, the counts by reason and, if some
+      DataError: naming the shard, the counts by reason and, if some
         images were too small, the largest crop they all fit.
     """
     with self._lock:
@@ -225,9 +226,10 @@ class Screen:
       f"{len(sizes)} smaller than the {c}x{c} crop); see the warnings above"
     )
     if sizes:
-      fit = max(min(w, h) for w, h in sizes)
+      w, h = max(sizes, key=min)
       msg += (
-        f". The largest of the small ones allows a {fit}x{fit} crop: "
-        "lower --config.data.crop_size or use bigger images"
+        f". The largest of the small ones is {w}x{h}: use bigger images, "
+        f"or a --config.data.crop_size of at most {min(w, h)} that is a "
+        "multiple of the model's downsampling factor"
       )
-    raise ValueError(msg)
+    raise DataError(msg)

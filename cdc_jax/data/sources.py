@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cdc_jax.errors import UserError
 from cdc_jax.imageio import load_image
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ IMAGE_EXTENSIONS = (
   ".tif",
   ".tiff",
 )
+
+
+class DataError(UserError, ValueError):
+  """Training data that cannot be used: a missing folder or list, no
+  usable image, an unknown source; the message names it and the fix."""
+
 
 # Chosen because it is the smallest embedded photo (300x451), so the
 # final reconstruction is cheap.
@@ -72,7 +79,7 @@ def _walk_files(root: str) -> list[str]:
 
   def unlistable(e: OSError) -> None:
     if key(e.filename) == key(root):
-      raise ValueError(f"image folder {root!r} cannot be listed ({e.strerror})")
+      raise DataError(f"image folder {root!r} cannot be listed ({e.strerror})")
     logger.warning("skipping folder %s: cannot list it (%s)", e.filename, e)
 
   seen = {key(root)}
@@ -114,11 +121,11 @@ def find_images(root: str | os.PathLike) -> list[str]:
     path relative to ``root`` so the order is the same on every machine.
 
   Raises:
-    ValueError: ``root`` is not a directory or cannot be listed.
+    DataError: ``root`` is not a directory or cannot be listed.
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
-    raise ValueError(
+    raise DataError(
       f"image folder {root!r} does not exist or is not a directory"
     )
   rel_paths = [
@@ -155,12 +162,12 @@ class ImageFolderSource:
     """Lists the images under ``root``.
 
     Raises:
-      ValueError: ``root`` is not a directory or holds no image files.
+      DataError: ``root`` is not a directory or holds no image files.
     """
     self.root = os.fspath(root)
     self.files = find_images(self.root)
     if not self.files:
-      raise ValueError(
+      raise DataError(
         f"image folder {self.root!r} contains no images (looked for "
         f"{', '.join(IMAGE_EXTENSIONS)} in all subfolders; "
         f"{_describe_other_files(self.root)})"
@@ -200,12 +207,12 @@ class VimeoSeptupletSource:
     """Reads the septuplet list of ``split``.
 
     Raises:
-      ValueError: unknown split, or the layout above is not found.
+      DataError: unknown split, or the layout above is not found.
     """
     self.root = os.fspath(root)
     self.split = split
     if split not in self._LIST_FILES:
-      raise ValueError(
+      raise DataError(
         f"Vimeo split must be one of {sorted(self._LIST_FILES)}, got {split!r}"
       )
     layout = (
@@ -215,16 +222,16 @@ class VimeoSeptupletSource:
     )
     list_file = os.path.join(self.root, self._LIST_FILES[split])
     if not os.path.isfile(list_file):
-      raise ValueError(f"{list_file} not found; {layout}")
+      raise DataError(f"{list_file} not found; {layout}")
     with open(list_file) as f:
       self.sequences = [ln.strip() for ln in f if ln.strip()]
     if not self.sequences:
-      raise ValueError(f"{list_file} lists no sequences; {layout}")
+      raise DataError(f"{list_file} lists no sequences; {layout}")
     # Checking every frame would mean ~450k stats on the full set; one
     # is enough to catch a wrong root.
     first = self._frame_path(0, 1)
     if not os.path.isfile(first):
-      raise ValueError(f"{first} not found; {layout}")
+      raise DataError(f"{first} not found; {layout}")
 
   def _frame_path(self, seq: int, frame: int) -> str:
     return os.path.join(
@@ -277,17 +284,17 @@ class EmbeddedSource:
     """Loads the photos (all in memory; a few MB).
 
     Raises:
-      ValueError: ``exclude`` names an unknown photo, or excludes all.
+      DataError: ``exclude`` names an unknown photo, or excludes all.
     """
     images = embedded_images()
     known = [n for n, _ in images]
     unknown = sorted(set(exclude) - set(known))
     if unknown:
-      raise ValueError(f"unknown embedded images {unknown}; known: {known}")
+      raise DataError(f"unknown embedded images {unknown}; known: {known}")
     self.exclude = tuple(exclude)
     self.images = [(n, a) for n, a in images if n not in self.exclude]
     if not self.images:
-      raise ValueError("all embedded images are excluded")
+      raise DataError("all embedded images are excluded")
 
   @property
   def names(self) -> list[str]:
@@ -318,7 +325,7 @@ def make_source(config_data: Any) -> Source:
       (TFDS only, default 'image').
 
   Raises:
-    ValueError: unknown name, missing path, or a TFDS dataset that cannot
+    DataError: unknown name, missing path, or a TFDS dataset that cannot
       be read (``tfds_source.TFDSError``).
   """
   name = getattr(config_data, "name", "embedded")
@@ -338,14 +345,14 @@ def make_source(config_data: Any) -> Source:
     example = (
       "/path/to/vimeo_septuplet" if name == "vimeo" else "/path/to/images"
     )
-    raise ValueError(
+    raise DataError(
       f"data source {name!r} needs a path, e.g. --config.data.path={example}"
     )
   if name == "folder":
     return ImageFolderSource(path)
   if name == "vimeo":
     return VimeoSeptupletSource(path, getattr(config_data, "split", "train"))
-  raise ValueError(
+  raise DataError(
     f"unknown data source {name!r}; expected one of embedded, folder, "
     "vimeo, tfds:<builder>"
   )

@@ -24,13 +24,14 @@ import os
 
 import numpy as np
 
+from cdc_jax.errors import UserError
 from cdc_jax.imageio import ImageError
 
 PREFIX = "tfds:"
 DEFAULT_IMAGE_KEY = "image"
 
 
-class TFDSError(ValueError):
+class TFDSError(UserError, ValueError):
   """tensorflow-datasets is missing, or the dataset cannot be read."""
 
 

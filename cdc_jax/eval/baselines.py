@@ -23,6 +23,7 @@ import PIL
 import PIL.features
 from PIL import Image
 
+from cdc_jax.errors import SettingError
 from cdc_jax.eval import metrics
 from cdc_jax.eval.ms_ssim import min_side
 
@@ -62,7 +63,9 @@ def available() -> list[str]:
 
 def _known(codec: str) -> None:
   if codec not in CODECS:
-    raise ValueError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
+    raise SettingError(
+      f"unknown codec {codec!r} (--baselines); known: {', '.join(CODECS)}"
+    )
 
 
 def quality_range(codec: str) -> tuple[int, int]:

@@ -27,10 +27,11 @@ import numpy as np
 from PIL import Image
 
 from cdc_jax.data.sources import find_images
+from cdc_jax.errors import UserError
 from cdc_jax.imageio import load_image
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
   """A dataset folder that is missing or does not hold the expected set."""
 
 
@@ -45,7 +46,7 @@ def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
 def center_crop(img: np.ndarray, height: int, width: int) -> np.ndarray:
   h, w = img.shape[:2]
   if h < height or w < width:
-    raise ValueError(f"cannot crop {height}x{width} from {h}x{w}")
+    raise ValueError(f"cannot crop {width}x{height} from {w}x{h}")
   top, left = (h - height) // 2, (w - width) // 2
   return img[top : top + height, left : left + width]
 
@@ -124,21 +125,34 @@ def get(name: str) -> Dataset:
   return DATASETS[name]
 
 
+def check_folder(name: str, path: str) -> Dataset:
+  """The dataset ``name``, once ``path`` is a folder (checked up front)."""
+  ds = get(name)
+  if not path:
+    raise DatasetError(
+      f"the {name} dataset ({ds.description}) needs its folder: --data PATH"
+    )
+  if not os.path.isdir(path):
+    raise DatasetError(
+      f"{path}: no such folder (the {name} dataset: {ds.description}); "
+      "name it with --data"
+    )
+  return ds
+
+
 def images(
-  name: str, path: str, limit: int | None = None
+  name: str, path: str, limit: int | None = None, max_pixels=None
 ) -> Iterator[tuple[str, np.ndarray]]:
-  """(file name, preprocessed uint8 image) of a dataset folder, sorted.
+  """(file name, preprocessed uint8 image) of a dataset folder, sorted;
+  images over ``max_pixels`` (default ``imageio.MAX_PIXELS``) are refused
+  from their header, before decoding.
 
   Raises:
     DatasetError: the folder is missing or holds no image (the message
       says what the set should contain).
     cdc_jax.imageio.ImageError: an image cannot be read.
   """
-  ds = get(name)
-  if not os.path.isdir(path):
-    raise DatasetError(
-      f"{path}: {name} folder does not exist (expected: {ds.description})"
-    )
+  ds = check_folder(name, path)
   files = find_images(path)
   if not files:
     raise DatasetError(
@@ -147,7 +161,7 @@ def images(
     )
   kept = 0
   for f in files:
-    img = load_image(f)
+    img = load_image(f, max_pixels)
     if not ds.keep(img):
       continue
     yield os.path.relpath(f, path), ds.preprocess(img)

@@ -22,6 +22,7 @@ import numpy as np
 
 from cdc_jax import codec
 from cdc_jax.data.sources import HELD_OUT, ImageFolderSource, embedded_images
+from cdc_jax.errors import SettingError
 from cdc_jax.eval import baselines, metrics
 from cdc_jax.eval.metrics import psnr
 from cdc_jax.eval.ms_ssim import batch_ms_ssim, min_side
@@ -41,7 +42,7 @@ def center_crop(img: np.ndarray, size: int, factor: int) -> np.ndarray:
   h, w, _ = img.shape
   s = min(size, h // factor * factor, w // factor * factor)
   if s <= 0:
-    raise ValueError(f"image {h}x{w} is smaller than the factor {factor}")
+    raise ValueError(f"image {w}x{h} is smaller than the factor {factor}")
   top, left = (h - s) // 2, (w - s) // 2
   return img[top : top + s, left : left + s]
 
@@ -52,13 +53,14 @@ def eval_images(data: str = "", max_images: int = 4):
   path) of the folder ``data``.
 
   Raises:
-    ValueError: not a folder, no images, ``max_images`` < 1.
+    DataError: not a folder, or no images; SettingError:
+      ``max_images`` < 1.
     cdc_jax.imageio.ImageError: an image cannot be read.
   """
   if not data:
     return [(HELD_OUT, held_out_image())]
   if max_images < 1:
-    raise ValueError(f"eval.max_images={max_images} must be >= 1")
+    raise SettingError(f"eval.max_images={max_images} must be >= 1")
   files = ImageFolderSource(data).files[:max_images]
   return [(os.path.relpath(f, data), load_image(f)) for f in files]
 
@@ -70,7 +72,7 @@ def crop_set(images, size: int, factor: int) -> np.ndarray:
   side = min([size] + [min(img.shape[:2]) for img in images])
   side = side // factor * factor
   if side <= 0:
-    raise ValueError(
+    raise SettingError(
       f"eval crops: the smallest image side or eval.size ({size}) is under "
       f"the model's downsampling factor {factor}"
     )

@@ -33,8 +33,10 @@ import json
 import math
 import os
 
-from cdc_jax import codec
+from cdc_jax import codec, files
+from cdc_jax.errors import SettingError
 from cdc_jax.eval import baselines, fid, report, runner
+from cdc_jax.eval.ms_ssim import min_side
 from cdc_jax.imageio import write_atomic
 
 
@@ -90,21 +92,42 @@ FEW_PATCHES = 2048
 
 
 def check(opts: Options) -> None:
-  """Raises ValueError (one line naming the flag) for options that would
-  fail only after decoding has begun."""
+  """Raises SettingError (one line naming the flag) for options that would
+  fail only after decoding has begun; reads ``opts.references`` now."""
   if opts.kid_subset_size < 2:
-    raise ValueError(
+    raise SettingError(
       f"--kid-subset-size must be >= 2, got {opts.kid_subset_size}"
     )
   if opts.fid_batch < 1:
-    raise ValueError(f"--fid-batch must be >= 1, got {opts.fid_batch}")
+    raise SettingError(f"--fid-batch must be >= 1, got {opts.fid_batch}")
   for c in opts.baselines:
     lo, hi = baselines.quality_range(c)  # also rejects unknown codecs
     bad = [q for q in opts.qualities if not lo <= q <= hi]
     if bad:
-      raise ValueError(
+      raise SettingError(
         f"--qualities {bad}: outside {c}'s quality range [{lo}, {hi}]"
       )
+  if opts.references:
+    report.read_reference_points(opts.references)
+
+
+def codec_names(opts: Options, models: dict) -> list[str]:
+  """The codecs a run's rows will name (the BD-rate anchors there are)."""
+  names = list(opts.baselines)
+  for cm in models.values():
+    names += [report.cdc_name(s, g) for s, g in _settings(cm, opts)]
+  return list(dict.fromkeys(names))
+
+
+def check_anchor(opts: Options, models: dict) -> None:
+  """``opts.anchor`` must be a codec of the run, else every BD-rate
+  would come out empty."""
+  names = codec_names(opts, models)
+  if opts.anchor not in names:
+    raise SettingError(
+      f"--anchor {opts.anchor!r} is not a codec of this run; one of: "
+      f"{', '.join(names)}"
+    )
 
 
 def inception_of(opts: Options):
@@ -133,7 +156,7 @@ def measure(
   recon_dir = None
   if opts.save_reconstructions:
     recon_dir = os.path.join(out, "reconstructions")
-    os.makedirs(recon_dir, exist_ok=True)
+    files.make_output_dir(recon_dir, "reconstructions folder")
   feats, sink = None, None
   if extractor is not None:
     feats = runner.PatchFeatures(
@@ -166,7 +189,7 @@ def measure(
 def _grid(out: str, name: str, img, rec, near: list[dict]) -> str:
   """original | CDC (first model and setting) | baselines at its bpp."""
   grid_dir = os.path.join(out, "grids")
-  os.makedirs(grid_dir, exist_ok=True)
+  files.make_output_dir(grid_dir, "grids folder")
   parts = [img, rec]
   for r in near:
     c = r["codec"].split()[0]
@@ -219,12 +242,13 @@ def evaluate(
   features (``runner.ORIGINALS`` and (codec, setting) -> [N, d]).
   """
   check(opts)
+  check_anchor(opts, models)
   lpips_fn = lpips_fn or lpips_of(opts)
   extractor = extractor or inception_of(opts)
-  os.makedirs(out, exist_ok=True)
+  files.make_output_dir(out, "report folder")
   rows, grids, feats = measure(models, images, opts, out, lpips_fn, extractor)
   if not rows:
-    raise ValueError("no image was evaluated")
+    raise SettingError("no image was evaluated (the dataset is empty)")
   dataset = None
   if feats is not None:
     dataset = runner.fid_kid(
@@ -237,6 +261,7 @@ def evaluate(
   result = write_report(out, rows, opts, dataset)
   result["grids"] = grids
   result["rows"] = rows
+  result["notes"] = notes(rows)
   if feats is not None:
     result["fid"] = _fid_info(feats, dataset, opts)
     payload = json.dumps(result["fid"], indent=1).encode()
@@ -264,6 +289,21 @@ def _fid_info(feats: dict, dataset: dict, opts: Options) -> dict:
       for (c, s), v in dataset.items()
     ],
   }
+
+
+def notes(rows: list[dict]) -> list[str]:
+  """What the summary leaves out and why: MS-SSIM when an image is under
+  its minimum side (the summary averages a metric only where every image
+  of the codec has it)."""
+  small = sorted({r["image"] for r in rows if "ms_ssim" not in r})
+  if not small:
+    return []
+  shown = ", ".join(small[:3]) + (", ..." if len(small) > 3 else "")
+  return [
+    f"MS-SSIM: not in the summary: {len(small)} image(s) under "
+    f"{min_side()} px on a side ({shown}), too small for its 5 scales; "
+    "the per-image rows of the other images have it"
+  ]
 
 
 def fid_note(patches: int, size: int = fid.PATCH) -> str:

@@ -21,6 +21,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from cdc_jax import files
+from cdc_jax.errors import SettingError
 from cdc_jax.imageio import save_png, write_atomic
 
 # Metric -> (axis label, higher is better).
@@ -172,22 +174,50 @@ def bd_rates(summary: list[dict], metric: str, anchor: str) -> dict:
 
 def read_reference_points(path: str) -> list[dict]:
   """A CSV of published points: columns ``system``, ``bpp`` and any of
-  the metric names; one row per point."""
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
-  if not rows or "system" not in rows[0] or "bpp" not in rows[0]:
-    raise ValueError(
+  the metric names; one row per point, every value a number.
+
+  Raises:
+    SettingError: the file is missing or malformed (the line named).
+  """
+  try:
+    text = files.read_input(path, "--references CSV", 1 << 24).decode()
+  except UnicodeDecodeError:
+    raise SettingError(f"{path}: the --references CSV is not text") from None
+  rows = list(csv.reader(io.StringIO(text)))
+  head = [c.strip() for c in rows[0]] if rows else []
+  if "system" not in head or "bpp" not in head or len(rows) < 2:
+    raise SettingError(
       f"{path}: expected a CSV with columns system, bpp and metrics "
-      f"({', '.join(METRICS)})"
+      f"({', '.join(METRICS)}) and at least one row"
     )
   out = []
-  for r in rows:
-    point = {"codec": r["system"], "setting": "published"}
-    for k, v in r.items():
-      if k != "system" and v not in ("", None):
-        point[k] = float(v)
+  for n, r in enumerate(rows[1:], start=2):
+    if not any(c.strip() for c in r):
+      continue
+    if len(r) != len(head):
+      raise SettingError(
+        f"{path}, line {n}: {len(r)} fields where the header has {len(head)}"
+      )
+    point = {"codec": r[head.index("system")], "setting": "published"}
+    for k, v in zip(head, r, strict=True):
+      if k != "system" and v.strip():
+        point[k] = _number(path, n, k, v)
     out.append(point)
   return out
+
+
+def _number(path: str, line: int, column: str, text: str) -> float:
+  try:
+    return float(text)
+  except ValueError:
+    raise SettingError(
+      f"{path}, line {line}: {column} = {text!r} is not a number"
+    ) from None
+
+
+def cdc_name(steps: int, gamma: float) -> str:
+  """The codec column of CDC rows."""
+  return f"cdc S={steps} gamma={gamma:g}"
 
 
 def rd_plot(summary, metric, path, references=(), title="") -> str | None:

@@ -26,6 +26,7 @@ from cdc_jax import codec
 from cdc_jax.convert.lpips import load_params
 from cdc_jax.eval import baselines, fid, metrics
 from cdc_jax.eval.ms_ssim import min_side
+from cdc_jax.eval.report import cdc_name
 from cdc_jax.imageio import save_png, to_float
 from cdc_jax.models.lpips import lpips_distance, net_of
 
@@ -90,7 +91,7 @@ def cdc_rows(
     res = codec.compress_image(cm, img, steps=steps, gamma=gamma)
     rec = codec.decompress(cm, res.data)
     row = {
-      "codec": f"cdc S={steps} gamma={gamma:g}",
+      "codec": cdc_name(steps, gamma),
       "setting": label,
       "image": name,
       "height": h,
