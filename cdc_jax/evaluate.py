@@ -68,6 +68,12 @@ def parser() -> argparse.ArgumentParser:
     "--steps", type=_ints, default=(), help="decode steps, e.g. 17,65"
   )
   p.add_argument(
+    "--samplers",
+    type=_names,
+    default=("ddim",),
+    help="decode samplers, e.g. ddim,dpmpp2m (each with every --steps)",
+  )
+  p.add_argument(
     "--gammas", type=_floats, default=(0.8,), help="x_T scales, e.g. 0.6,0.8"
   )
   p.add_argument("--baselines", default="jpeg,webp,avif")
@@ -136,6 +142,11 @@ def _add_metric_flags(p: argparse.ArgumentParser) -> None:
 def _ints(text: str) -> tuple[int, ...]:
   """'17,65' -> (17, 65): positive integers."""
   return tuple(cli_errors.positive_int(v) for v in text.split(",") if v.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+  """'ddim,dpmpp2m' -> ('ddim', 'dpmpp2m'); checked by pipeline.check."""
+  return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def _qualities(text: str) -> tuple[int, ...]:
@@ -221,6 +232,7 @@ def run(args) -> dict:
 
   opts = pipeline.Options(
     steps=args.steps,
+    samplers=args.samplers,
     gammas=args.gammas,
     baselines=tuple(b for b in args.baselines.split(",") if b),
     anchor=args.anchor,

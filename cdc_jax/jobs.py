@@ -37,6 +37,7 @@ def train_job(config, workdir: str) -> dict:
       workdir,
       config.eval.steps,
       config.eval.gamma,
+      config.eval.sampler,
     )
     print(held_out.summary(rep))
   return metrics
@@ -54,6 +55,7 @@ def eval_job(config, workdir: str) -> dict:
 
   opts = pipeline.Options(
     steps=(config.eval.steps,),
+    samplers=(config.eval.sampler,),
     gammas=(config.eval.gamma,),
     progress=config.log.progress,
     title="held-out photo",

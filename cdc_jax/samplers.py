@@ -57,6 +57,7 @@ from cdc_jax import diffusion
 
 SAMPLERS = {"ddim": 0, "dpmpp2m": 1}  # name -> id in a file header
 DEFAULT_SAMPLER = "ddim"
+TITLES = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)"}  # for reports
 SOLVER_GRID = "logsnr"  # the solver's grid (see solver_grid)
 # Below this lambda alpha_t < 0.007: x_t is noise, whatever x0. The cosine
 # schedule starts at lambda(T-1) = -12.0 (its last beta is clipped); a

@@ -223,7 +223,12 @@ def _make_evaluator(config, model: CDC) -> _Evaluator:
     crops.shape[2],
   )
   measure = held_out.SetEvaluator(
-    Sampler(model, schedule), crops, ec.steps, ec.gamma, lpips_params
+    Sampler(model, schedule),
+    crops,
+    ec.steps,
+    ec.gamma,
+    lpips_params,
+    sampler=ec.sampler,
   )
   return _Evaluator(measure)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from cdc_jax import model_check
+from cdc_jax import model_check, samplers
 from cdc_jax.errors import UserError
 from cdc_jax.models.cdc import from_config, to_config
 
@@ -53,6 +53,15 @@ def check_positive(config) -> None:
     raise TrainingError(
       f"eval.steps = {config.eval.steps} must be in [1, diffusion.timesteps"
       f" = {t}]"
+    )
+
+
+def check_sampler(config) -> None:
+  name = config.eval.sampler
+  if name not in samplers.SAMPLERS:
+    raise TrainingError(
+      f"eval.sampler = {name!r} is not a sampler; use one of "
+      f"{', '.join(samplers.SAMPLERS)} (--config.eval.sampler=NAME)"
     )
 
 
@@ -99,6 +108,7 @@ def validate_config(config) -> None:
   if floor < 0.0:
     raise TrainingError(f"diffusion.loss_weight_floor = {floor} must be >= 0")
   check_positive(config)
+  check_sampler(config)
   factor = from_config(config.model).downsampling_factor
   crop = config.data.crop_size
   if crop < factor or crop % factor:

@@ -157,7 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(
     dict(
       every=5000,
-      steps=65,  # DDIM decode steps
+      steps=65,  # decode steps
+      sampler="ddim",  # decode sampler: ddim or dpmpp2m (cdc_jax.samplers)
       gamma=0.8,  # x_T = gamma * N(0, I)
       size=256,  # center crops of this side (at most; one side for all)
       data="",  # "": the embedded held-out photo; else an image folder

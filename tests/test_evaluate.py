@@ -345,3 +345,38 @@ def test_evaluate_bad_fid_options_are_one_line(model, tmp_path, capsys):
     assert len(err) == 1, err
     assert all(w in err[0] for w in words), err[0]
   assert not os.path.exists(tmp_path / "per_image.json")  # failed first
+
+
+def test_evaluate_samplers_each_their_own_files(model, tmp_path, capsys):
+  """--samplers ddim,dpmpp2m: one real file per sampler, each recording
+  its sampler (the decode of a file is the decode of its bytes), named
+  apart in the rows and the reconstructions; an unknown sampler is one
+  line before any work."""
+  data = tmp_path / "photos"
+  data.mkdir()
+  img = testing.photo("astronaut", (64, 64), 100, 200)
+  Image.fromarray(img).save(data / "a.png")
+  out = tmp_path / "report"
+  argv = ["--model", f"tiny={model}", "--data", str(data), "--out", str(out)]
+  argv += ["--steps", "3", "--baselines", "jpeg", "--no-progress"]
+  argv += ["--samplers", "ddim,dpmpp2m", "--save-reconstructions"]
+  assert evaluate.main(argv) == 0
+  capsys.readouterr()
+  with open(out / "per_image.json") as f:
+    rows = json.load(f)
+  cdc = {r["codec"]: r for r in rows if r["codec"].startswith("cdc")}
+  assert set(cdc) == {"cdc S=3 gamma=0.8", "cdc dpmpp2m S=3 gamma=0.8"}
+  cm = codec.load(model)
+  for name, sampler in (("cdc", "ddim"), ("cdc dpmpp2m", "dpmpp2m")):
+    r = cdc[f"{name} S=3 gamma=0.8"]
+    res = codec.compress_image(cm, img, steps=3, sampler=sampler)
+    want = codec.decompress(cm, res.data)
+    assert r["bytes"] == len(res.data)
+    np.testing.assert_array_equal(load_image(r["reconstruction"]), want)
+  a, b = (load_image(r["reconstruction"]) for r in cdc.values())
+  assert not np.array_equal(a, b)  # two samplers, two decodes
+  bad = ["--model", model, "--data", str(data), "--out", str(tmp_path / "o2")]
+  assert evaluate.main(bad + ["--samplers", "ddim,heun", "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "unknown sampler 'heun'" in err[0], err
+  assert not os.path.exists(tmp_path / "o2")

@@ -159,3 +159,22 @@ def test_training_logs_the_folder_set(tmp_path, lpips_alex):
   tags = _event_tags(os.path.join(work, "tb"))
   assert {"eval/psnr", "eval/bpp", "eval/lpips"} <= tags
   assert "eval/original_vs_reconstruction" in tags
+
+
+def test_set_evaluator_decodes_with_its_sampler():
+  """``sampler`` reaches the decode: the solver's reconstruction is the
+  Sampler's own, and differs from DDIM's at the same S."""
+  model = testing.tiny_model("x")
+  params = testing.random_params(model)
+  decoder = Sampler(model, diffusion.make_schedule("cosine", 8193))
+  crops = held_out.crop_set([testing.photo("coffee", (64, 64))], 64, 64)
+  got = {}
+  for name in ("ddim", "dpmpp2m"):
+    ev = held_out.SetEvaluator(decoder, crops, 3, 0.8, sampler=name)
+    _, got[name] = ev(params)
+    x = to_float(crops)
+    rec, _ = decoder.reconstruct(params, x, ev._x_init, 3, sampler=name)
+    want = np.asarray(held_out._to_uint8(rec)[0])
+    # One jitted graph vs another: a pixel may round the other way.
+    assert np.abs(got[name].astype(int) - want.astype(int)).max() <= 1
+  assert np.abs(got["ddim"].astype(int) - got["dpmpp2m"].astype(int)).max() > 2

@@ -71,6 +71,7 @@ def test_counts_must_be_positive(field, value):
     ("diffusion__timesteps", 10**9, "diffusion.timesteps = 1000000000"),
     ("train__lr_schedule", "x", "train.lr_schedule = 'x' must be one of"),
     ("eval__size", 0, "eval.size = 0 must be a positive integer"),
+    ("eval__sampler", "heun", "eval.sampler = 'heun' is not a sampler"),
   ],
 )
 def test_model_and_schedule_fields_are_checked(field, value, phrase):

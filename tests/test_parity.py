@@ -292,9 +292,7 @@ def parity(request, tmp_path_factory):
     for b in range(x.shape[0]):
       exact, legacy = _payload_bits(cm, x[b : b + 1])
       est = float(ref[f"bpp_{k}"][b])
-      note = (
-        f"exact {exact / (h * w):.4f} bpp, original's estimate {est:.4f}"
-      )
+      note = f"exact {exact / (h * w):.4f} bpp, original's estimate {est:.4f}"
       table.add("scales", f"payload exact/float {tag}{b}", exact, legacy, note)
 
     init = jnp.asarray(nhwc(inputs[f"init_{k}"]))

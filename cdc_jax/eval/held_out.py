@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdc_jax import codec
+from cdc_jax import codec, samplers
 from cdc_jax.data.sources import HELD_OUT, ImageFolderSource, embedded_images
 from cdc_jax.errors import SettingError
 from cdc_jax.eval import baselines, metrics
@@ -95,20 +95,34 @@ class SetEvaluator:
   ``lpips`` (only with ``lpips_params``); ``first`` is the first crop's
   reconstruction, uint8 [s, s, 3]. The initial noise is drawn once from
   ``seed``, so successive evaluations differ only by the params.
+  ``decoder`` is a ``cdc_jax.sample.Sampler``; ``sampler`` names the
+  decode sampler (``cdc_jax.samplers.SAMPLERS``).
   """
 
-  def __init__(self, sampler, crops, steps, gamma, lpips_params=None, seed=0):
+  def __init__(
+    self,
+    decoder,
+    crops,
+    steps,
+    gamma,
+    lpips_params=None,
+    seed=0,
+    sampler="ddim",
+  ):
     self.crops = np.asarray(crops, np.uint8)  # [N, s, s, 3]
     self.steps = int(steps)
+    self.sampler = sampler
     self.lpips_params = lpips_params
     self.with_ms_ssim = self.crops.shape[1] >= min_side()
     self._x_init = initial_noise(seed, self.crops.shape, gamma)
-    self._sampler = sampler
+    self._decoder = decoder
     self._fn = jax.jit(self._measure)
 
   def _measure(self, params, lpips_params, img_u8, x_init):
     x = img_u8.astype(jnp.float32) / 255.0 * 2.0 - 1.0
-    rec, bpp = self._sampler.reconstruct(params, x, x_init, self.steps)
+    rec, bpp = self._decoder.reconstruct(
+      params, x, x_init, self.steps, sampler=self.sampler
+    )
     rec_u8 = _to_uint8(rec)
     out = {"psnr": metrics.batch_psnr(img_u8, rec_u8), "bpp": bpp}
     if self.with_ms_ssim:
@@ -125,14 +139,20 @@ class SetEvaluator:
     return {k: float(v) for k, v in means.items()}, np.asarray(first)
 
 
-def report(model_path: str, out_dir: str, steps: int, gamma: float) -> dict:
+def report(
+  model_path: str,
+  out_dir: str,
+  steps: int,
+  gamma: float,
+  sampler: str = samplers.DEFAULT_SAMPLER,
+) -> dict:
   """Compresses the held-out photo to ``out_dir/held_out.cdcj`` with the
-  model at ``model_path``, decodes the file, measures it beside JPEG at
-  the nearest bpp, and writes ``reconstruction.png`` (original | CDC |
-  JPEG) and ``report.json``."""
+  model at ``model_path`` (``steps`` of ``sampler``), decodes the file,
+  measures it beside JPEG at the nearest bpp, and writes
+  ``reconstruction.png`` (original | CDC | JPEG) and ``report.json``."""
   cm = codec.load(model_path)
   img = held_out_image()
-  res = codec.compress_image(cm, img, steps=steps, gamma=gamma)
+  res = codec.compress_image(cm, img, steps=steps, gamma=gamma, sampler=sampler)
   path = os.path.join(out_dir, "held_out.cdcj")
   write_atomic(path, res.data)
   rec = codec.decompress(cm, res.data)
@@ -151,6 +171,7 @@ def report(model_path: str, out_dir: str, steps: int, gamma: float) -> dict:
     "psnr_db": float(psnr(img, rec)),
     "ms_ssim": float(metrics.ms_ssim(img, rec)),
     "decode_steps": steps,
+    "sampler": sampler,
     "gamma": gamma,
     "jpeg": {k: jpeg[k] for k in ("quality", "bytes", "bpp", "psnr")},
   }
@@ -165,11 +186,12 @@ def summary(rep: dict) -> str:
   """The report as the lines the main job prints."""
   j = rep["jpeg"]
   steps = rep["decode_steps"]
+  title = samplers.TITLES[rep.get("sampler", samplers.DEFAULT_SAMPLER)]
   return (
     f"held-out {rep['image']}: {rep['file_bytes']} bytes = "
     f"{rep['bpp']:.4f} bpp (estimate {rep['estimated_bpp']:.4f}), "
     f"PSNR {rep['psnr_db']:.2f} dB, MS-SSIM {rep['ms_ssim']:.4f}, "
-    f"{steps} DDIM step{'s' if steps != 1 else ''}\n"
+    f"{steps} {title} step{'s' if steps != 1 else ''}\n"
     f"  JPEG at the nearest bpp (quality {j['quality']}): {j['bytes']} "
     f"bytes = {j['bpp']:.4f} bpp, PSNR {j['psnr']:.2f} dB, MS-SSIM "
     f"{j['ms_ssim']:.4f}\n"

@@ -1,5 +1,5 @@
-"""One evaluation run: models x images x (S, gamma), the baselines, and
-the report folder.
+"""One evaluation run: models x images x (sampler, S, gamma), the
+baselines, and the report folder.
 
 ``OUT/`` receives ``per_image.{csv,json}``, ``summary.{csv,json}``,
 ``rd_<metric>.png`` for every metric measured, ``bd_rate.json`` (against
@@ -33,7 +33,7 @@ import json
 import math
 import os
 
-from cdc_jax import codec, files
+from cdc_jax import codec, files, samplers
 from cdc_jax.errors import SettingError
 from cdc_jax.eval import baselines, fid, report, runner
 from cdc_jax.eval.ms_ssim import min_side
@@ -45,6 +45,7 @@ class Options:
   """What to run; the CLI's flags one to one."""
 
   steps: tuple[int, ...] = ()  # empty: each family's default
+  samplers: tuple[str, ...] = ("ddim",)  # cdc_jax.samplers.SAMPLERS names
   gammas: tuple[float, ...] = (codec.DEFAULT_GAMMA,)
   baselines: tuple[str, ...] = ("jpeg", "webp", "avif")
   anchor: str = "jpeg"
@@ -98,6 +99,14 @@ def check(opts: Options) -> None:
     raise SettingError(
       f"--kid-subset-size must be >= 2, got {opts.kid_subset_size}"
     )
+  for name in opts.samplers:
+    if name not in samplers.SAMPLERS:
+      raise SettingError(
+        f"--samplers: unknown sampler {name!r}; use one or more of "
+        f"{', '.join(samplers.SAMPLERS)}"
+      )
+  if not opts.samplers:
+    raise SettingError("--samplers: name at least one sampler")
   if opts.fid_batch < 1:
     raise SettingError(f"--fid-batch must be >= 1, got {opts.fid_batch}")
   for c in opts.baselines:
@@ -115,7 +124,7 @@ def codec_names(opts: Options, models: dict) -> list[str]:
   """The codecs a run's rows will name (the BD-rate anchors there are)."""
   names = list(opts.baselines)
   for cm in models.values():
-    names += [report.cdc_name(s, g) for s, g in _settings(cm, opts)]
+    names += [report.cdc_name(s, g, m) for m, s, g in _settings(cm, opts)]
   return list(dict.fromkeys(names))
 
 
@@ -139,9 +148,10 @@ def inception_of(opts: Options):
   return fid.load_inception(opts.inception_weights)
 
 
-def _settings(cm, opts: Options) -> list[tuple[int, float]]:
+def _settings(cm, opts: Options) -> list[tuple[str, int, float]]:
+  """(sampler, S, gamma) of every CDC row of ``cm``."""
   steps = opts.steps or (codec.DEFAULT_STEPS[cm.family],)
-  return [(s, g) for s in steps for g in opts.gammas]
+  return [(m, s, g) for m in opts.samplers for s in steps for g in opts.gammas]
 
 
 def measure(

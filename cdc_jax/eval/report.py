@@ -215,9 +215,11 @@ def _number(path: str, line: int, column: str, text: str) -> float:
     ) from None
 
 
-def cdc_name(steps: int, gamma: float) -> str:
-  """The codec column of CDC rows."""
-  return f"cdc S={steps} gamma={gamma:g}"
+def cdc_name(steps: int, gamma: float, sampler: str = "ddim") -> str:
+  """The codec column of CDC rows ("cdc S=65 gamma=0.8"; a sampler other
+  than DDIM is named: "cdc dpmpp2m S=16 gamma=0.8")."""
+  name = "cdc" if sampler == "ddim" else f"cdc {sampler}"
+  return f"{name} S={steps} gamma={gamma:g}"
 
 
 def rd_plot(summary, metric, path, references=(), title="") -> str | None:

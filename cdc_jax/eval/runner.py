@@ -79,19 +79,21 @@ def cdc_rows(
   label: str,
   name: str,
   img: np.ndarray,
-  settings: Sequence[tuple[int, float]],
+  settings: Sequence[tuple[str, int, float]],
   lpips_fn=None,
   recon_dir: str | None = None,
 ) -> tuple[list[dict], list[np.ndarray]]:
-  """Compresses ``img`` to a real file per (steps, gamma) and decodes it;
-  returns the rows and the decoded images."""
+  """Compresses ``img`` to a real file per (sampler, steps, gamma) and
+  decodes it; returns the rows and the decoded images."""
   rows, recs = [], []
   h, w, _ = img.shape
-  for steps, gamma in settings:
-    res = codec.compress_image(cm, img, steps=steps, gamma=gamma)
+  for sampler, steps, gamma in settings:
+    res = codec.compress_image(
+      cm, img, steps=steps, gamma=gamma, sampler=sampler
+    )
     rec = codec.decompress(cm, res.data)
     row = {
-      "codec": cdc_name(steps, gamma),
+      "codec": cdc_name(steps, gamma, sampler),
       "setting": label,
       "image": name,
       "height": h,
@@ -103,7 +105,8 @@ def cdc_rows(
     }
     if recon_dir is not None:
       stem = os.path.splitext(name.replace(os.sep, "_"))[0]
-      path = os.path.join(recon_dir, f"{stem}.{label}.S{steps}.png")
+      tag = "" if sampler == "ddim" else f".{sampler}"
+      path = os.path.join(recon_dir, f"{stem}.{label}{tag}.S{steps}.png")
       save_png(path, rec)
       row["reconstruction"] = path
     rows.append(row)
