@@ -22,8 +22,11 @@ and 200 for an eps model). Per decode: PSNR against each reference
 solved), PSNR and MS-SSIM of the uint8 image against the photo, and the
 decode time (g_s and the loop; the first photo's decodes include the
 compile, so the time is the median over the other photos when there are
-any). Prints a table and writes ``samplers.json`` and ``samplers.png``
-(dB against each reference vs S, one line per sampler) to ``--out``.
+any). First, whether the model uses its latent at all: each photo
+decoded (DDIM, the family's default S) from its own latent and from the
+next photo's, the PSNR gap against the photo (``latent_use``). Prints a
+table and writes ``samplers.json`` and ``samplers.png`` (dB against each
+reference vs S, one line per sampler) to ``--out``.
 """
 
 from __future__ import annotations
@@ -206,6 +209,35 @@ def measure(cm, cases: list, lines, steps_list, refs: list) -> list:
   return rows
 
 
+def latent_use(cm, cases: list) -> dict:
+  """Does the model decode its latent? Each photo decoded (DDIM, the
+  family's default S) from its own latent and from the next photo's
+  (the same x_T), both against the photo; the gap is what the file adds.
+  Needs two photos or more (None otherwise)."""
+  if len(cases) < 2:
+    return None
+  steps = codec.DEFAULT_STEPS[cm.family]
+  own, other = [], []
+  for i, (_, case) in enumerate(cases):
+    swapped = dict(case, y_hat=cases[(i + 1) % len(cases)][1]["y_hat"])
+    own.append(metrics.psnr(decode(cm, case, steps, "ddim")[1], case["img"]))
+    rec = decode(cm, swapped, steps, "ddim")[1]
+    other.append(metrics.psnr(rec, case["img"]))
+  out = {
+    "steps": steps,
+    "psnr_own_latent": float(np.mean(own)),
+    "psnr_next_photos_latent": float(np.mean(other)),
+  }
+  out["gap_db"] = out["psnr_own_latent"] - out["psnr_next_photos_latent"]
+  print(
+    f"latent use (DDIM-{steps}, vs the photo): own latent "
+    f"{out['psnr_own_latent']:.2f} dB, the next photo's "
+    f"{out['psnr_next_photos_latent']:.2f} dB: {out['gap_db']:.2f} dB gap",
+    flush=True,
+  )
+  return out
+
+
 HEADER = (
   f"{'sampler':<20} {'S':>5} {'vs DDIM ref':>11} {'vs ODE ref':>10} "
   f"{'PSNR':>7} {'MS-SSIM':>8} {'time':>8}"
@@ -275,6 +307,7 @@ def main(argv=None) -> int:
   cases = [
     (n, encode(cm, img, args.seed)) for n, img in load_photos(args.photos, size)
   ]
+  use = latent_use(cm, cases)
   refs = references(cm, cases, args.ref_steps, args.ode_steps)
   rows = measure(cm, cases, lines, steps_list, refs)
   os.makedirs(args.out, exist_ok=True)
@@ -296,6 +329,7 @@ def main(argv=None) -> int:
     "ref_steps": args.ref_steps,
     "ode_steps": args.ode_steps,
     "bytes": {n: c["bytes"] for n, c in cases},
+    "latent_use": use,
     "rows": [{k: json_value(v) for k, v in r.items()} for r in rows],
   }
   with open(os.path.join(args.out, "samplers.json"), "w") as f:
