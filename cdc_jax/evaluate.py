@@ -64,18 +64,7 @@ def parser() -> argparse.ArgumentParser:
     default=None,
     help="first N images (N >= 1)",
   )
-  p.add_argument(
-    "--steps", type=_ints, default=(), help="decode steps, e.g. 17,65"
-  )
-  p.add_argument(
-    "--samplers",
-    type=_names,
-    default=("ddim",),
-    help="decode samplers, e.g. ddim,dpmpp2m (each with every --steps)",
-  )
-  p.add_argument(
-    "--gammas", type=_floats, default=(0.8,), help="x_T scales, e.g. 0.6,0.8"
-  )
+  _add_decode_flags(p)
   p.add_argument("--baselines", default="jpeg,webp,avif")
   p.add_argument("--anchor", default="jpeg", help="BD-rate anchor codec")
   p.add_argument(
@@ -94,6 +83,22 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--no-progress", action="store_true")
   _add_metric_flags(p)
   return p
+
+
+def _add_decode_flags(p: argparse.ArgumentParser) -> None:
+  """The CDC settings: every (sampler, S, gamma) is one row per image."""
+  p.add_argument(
+    "--steps", type=_ints, default=(), help="decode steps, e.g. 17,65"
+  )
+  p.add_argument(
+    "--samplers",
+    type=_names,
+    default=("ddim",),
+    help="decode samplers, e.g. ddim,dpmpp2m (each with every --steps)",
+  )
+  p.add_argument(
+    "--gammas", type=_floats, default=(0.8,), help="x_T scales, e.g. 0.6,0.8"
+  )
 
 
 def _add_metric_flags(p: argparse.ArgumentParser) -> None:
