@@ -89,6 +89,16 @@ def export_job(workdir: str) -> str | None:
   return out
 
 
+def default_workdir(config_spec: str) -> str:
+  """The workdir of a run without ``--workdir``: ``runs/<config file
+  stem>[_<variant>]`` (``configs/x_cosine.py:tiny`` -> ``runs/x_cosine_tiny``;
+  ``...:tiny,steps=3`` -> ``runs/x_cosine_tiny_steps3``)."""
+  path, _, variant = config_spec.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  tag = "".join(c if c.isalnum() else "_" for c in variant.replace("=", ""))
+  return os.path.join("runs", f"{name}_{tag}" if tag else name)
+
+
 def check_workdir(workdir: str, must_exist: bool = False) -> None:
   """Rejects, before any work, a workdir that is a bucket URL
   (``gs://...``), a file, a dangling link or a link loop; with

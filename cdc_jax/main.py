@@ -20,7 +20,8 @@ Exit status: 0 done; 2 a user error (one line on stderr); 130 Ctrl-C
 was saved, rerun the same command to resume (cdc_jax/preemption.py).
 Compiled programs are cached on disk (cdc_jax/compile_cache.py;
 --nocompile_cache or CDC_COMPILE_CACHE=off turn that off). --workdir
-must be a local or mounted path, not a gs:// URL.
+must be a local or mounted path, not a gs:// URL; without it the run uses
+runs/<config>[_<variant>] (printed).
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Python config file (and :variant).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string(
-  "workdir", None, "Directory for checkpoints, logs and the exported model."
+  "workdir",
+  None,
+  "Directory for checkpoints, logs and the exported model (default: "
+  "runs/<config>[_<variant>], e.g. runs/x_cosine_tiny).",
 )
 _MODE = flags.DEFINE_enum(
   "mode", "train", ["train", "eval", "export"], "train (resuming)|eval|export"
@@ -53,7 +57,7 @@ _CACHE = flags.DEFINE_bool(
   "Persistent XLA compilation cache (cdc_jax/compile_cache.py); "
   "--nocompile_cache turns it off.",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -63,14 +67,18 @@ def main(argv):
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty
   logging.getLogger("cdc_jax").setLevel(logging.INFO)
-  sys.exit(_run(_MODE.value, _CONFIG.value, _WORKDIR.value))
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  sys.exit(_run(_MODE.value, _CONFIG.value, _WORKDIR.value, spec))
 
 
 @cli_errors.user_errors(None)
-def _run(mode: str, config, workdir: str) -> int:
+def _run(mode: str, config, workdir: str | None, spec: str) -> int:
   # Imported here, so --help stays fast.
   from cdc_jax import compile_cache, distributed, jobs, preemption
 
+  if workdir is None:
+    workdir = jobs.default_workdir(spec)
+    print(f"workdir: {workdir} (the default; --workdir=DIR chooses)")
   # Before anything touches a device; a no-op for one process.
   jobs.check_workdir(workdir, must_exist=mode != "train")
   distributed.initialize(_COORD.value, _NPROC.value, _PID.value, log=True)

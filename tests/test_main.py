@@ -93,3 +93,28 @@ def test_bucket_workdir_fails_fast_in_one_line(tmp_path):
   # Nothing started: no runtime, no workdir (no local "gs:" folder).
   assert not os.path.exists(os.path.join(REPO, "gs:"))
   assert "process 0 of" not in res.stderr
+
+
+def test_default_workdir_is_named_after_the_config():
+  from cdc_jax.jobs import default_workdir
+
+  assert default_workdir("configs/eps_linear.py") == "runs/eps_linear"
+  assert default_workdir("configs/x_cosine.py:tiny") == "runs/x_cosine_tiny"
+  got = default_workdir("configs/x_cosine.py:tiny,steps=3")
+  assert got == "runs/x_cosine_tiny_steps3"
+
+
+def test_no_workdir_uses_and_prints_the_default(tmp_path):
+  """Without --workdir the run names the default it uses (here export,
+  which needs an existing workdir: one line, nothing created)."""
+  default = os.path.join(REPO, "runs", "eps_linear_tiny")
+  if os.path.lexists(default):
+    pytest.skip(f"{default} exists")
+  res = _main(
+    "--config=configs/eps_linear.py:tiny", "--mode=export", tmp_path=tmp_path
+  )
+  assert res.returncode == 2, res.stderr
+  assert "Traceback" not in res.stderr, res.stderr
+  assert "workdir: runs/eps_linear_tiny (the default" in res.stdout
+  assert "--workdir=runs/eps_linear_tiny: no such folder" in res.stderr
+  assert not os.path.lexists(default)
