@@ -264,11 +264,13 @@ def _read_only_options():
   import jax
   import orbax.checkpoint as ocp
 
+  # The fields read_only would reset (with a warning each) set as it would.
+  quiet = dict(read_only=True, save_interval_steps=0, create=False)
   if jax.process_count() == 1:
-    return ocp.CheckpointManagerOptions(read_only=True)
+    return ocp.CheckpointManagerOptions(**quiet)
   me = jax.process_index()
   return ocp.CheckpointManagerOptions(
-    read_only=True,
+    **quiet,
     multiprocessing_options=ocp.options.MultiprocessingOptions(
       primary_host=me, active_processes={me}
     ),
