@@ -10,7 +10,9 @@ them). The original is imported at run time from ``CDC_REF`` (default
 ``../shared/cdc_ref``) and built as ``tests/parity_ref.py`` builds it;
 nothing of it is copied here. Each measurement runs in its own child
 process (one framework, one model in memory at a time); torch and XLA
-both use every core.
+both use every core. cdc_jax runs on JAX's default backend; the original
+on ``--torch-device`` (``cuda`` on a GPU machine, with torch's CUDA
+build beside JAX's).
 
 Decode: one image of ``--size`` through the whole ``compress``-style
 forward (g_a, h_a, h_s, g_s and the DDIM loop, the original's
@@ -66,6 +68,9 @@ def parse_args(argv):
   p.add_argument("--train-crop", type=int, default=256)
   p.add_argument("--train-steps", type=int, default=3)
   p.add_argument("--no-train", action="store_true", help="decode only")
+  p.add_argument(
+    "--torch-device", default="cpu", help="the original's device (cuda)"
+  )
   p.add_argument("--out", default="/tmp/cdc_vs_original.json")
   p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -87,11 +92,12 @@ def split(t1: float, t3: float) -> dict:
   return {"step_s": step, "fixed_s": t1 - step, "t1_s": t1, "t3_s": t3}
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, sync=lambda: None) -> float:
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
     fn()
+    sync()
     times.append(time.perf_counter() - t)
   return statistics.median(times)
 
@@ -106,11 +112,13 @@ def original(family: str, args) -> dict:
   torch.manual_seed(0)
   import parity_ref  # tests/: builds the original as its test scripts do
 
-  model = parity_ref.build(family)
+  dev = torch.device(args.torch_device)
+  model = parity_ref.build(family).to(dev)
   model.eval()
   w, h = (int(v) for v in args.size.split("x"))
-  images = torch.rand(1, 3, h, w) * 2 - 1
-  init = GAMMA * torch.randn(1, 3, h, w)
+  images = (torch.rand(1, 3, h, w) * 2 - 1).to(dev)
+  init = (GAMMA * torch.randn(1, 3, h, w)).to(dev)
+  sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
   kw = dict(bpp_return_mean=False, eta=0)
   if family == "eps":
     kw["sample_mode"] = "ddim"
@@ -121,22 +129,23 @@ def original(family: str, args) -> dict:
 
   decode(1)  # warm-up
   out = split(
-    timed(lambda: decode(1), args.repeats),
-    timed(lambda: decode(3), args.repeats),
+    timed(lambda: decode(1), args.repeats, sync),
+    timed(lambda: decode(3), args.repeats, sync),
   )
   out["threads"] = torch.get_num_threads()
+  out["device"] = str(dev)
   if not args.no_train:
-    out["train_step_s"] = original_train_step(model, args)
+    out["train_step_s"] = original_train_step(model, args, dev, sync)
   return out
 
 
-def original_train_step(model, args) -> float:
+def original_train_step(model, args, dev, sync) -> float:
   import torch
 
   model.train()
   opt = torch.optim.Adam(model.parameters(), lr=1e-4)
   c = args.train_crop
-  batch = torch.rand(args.train_batch, 3, c, c) * 2 - 1
+  batch = (torch.rand(args.train_batch, 3, c, c) * 2 - 1).to(dev)
 
   def step():
     opt.zero_grad(set_to_none=True)
@@ -146,7 +155,7 @@ def original_train_step(model, args) -> float:
     opt.step()
 
   step()  # warm-up
-  return timed(step, args.train_steps)
+  return timed(step, args.train_steps, sync)
 
 
 # -- cdc_jax (child) -----------------------------------------------------------
