@@ -88,8 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
       lpips_dropout=True,
       # Deviations from the original (0 = off), for the tiny demos: draw
       # training t from [train_t_min * T, T) instead of [0, T); x family:
-      # x0 loss weight max(min(SNR, 5), loss_weight_floor). See README,
-      # "Quick start".
+      # x0 loss weight max(min(SNR, 5), loss_weight_floor). See
+      # docs/training.md, "The quick start's tiny demo".
       train_t_min=0.0,
       loss_weight_floor=0.0,
     )

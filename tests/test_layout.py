@@ -139,3 +139,28 @@ def test_file_and_function_lengths(module, path):
         f"{path}:{node.lineno} {node.name} has {n} lines; split it or say "
         "why in a '# long:' comment"
       )
+
+
+def test_docs_layout_names_every_module_and_benchmark():
+  """docs/layout.md cannot go stale: every module of cdc_jax/ (top level
+  by file name, subpackages by folder) and every benchmark script is
+  named there."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "docs", "layout.md")) as f:
+    text = f.read()
+  pkg = os.path.join(root, "cdc_jax")
+  missing = []
+  for name in sorted(os.listdir(pkg)):
+    path = os.path.join(pkg, name)
+    if os.path.isdir(path) and os.path.isfile(
+      os.path.join(path, "__init__.py")
+    ):
+      if f"cdc_jax/{name}/" not in text:
+        missing.append(f"cdc_jax/{name}/")
+    elif name.endswith(".py") and name != "__init__.py":
+      if name not in text:
+        missing.append(f"cdc_jax/{name}")
+  for name in sorted(os.listdir(os.path.join(root, "benchmarks"))):
+    if name.endswith(".py") and name not in text:
+      missing.append(f"benchmarks/{name}")
+  assert not missing, f"docs/layout.md does not name: {missing}"

@@ -257,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     default=samplers.DEFAULT_SAMPLER,
     help="decode sampler stored in the file: ddim (the original's, "
     "default) or dpmpp2m (DPM-Solver++(2M): as close to the converged "
-    "decode in far fewer steps, see README)",
+    "decode in far fewer steps, see README's Samplers)",
   )
   c.add_argument(
     "--gamma",
