@@ -26,3 +26,26 @@ jax.config.update("jax_compilation_cache_dir", _cache)
 os.environ.setdefault("CDC_COMPILE_CACHE", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+# -- shared fixtures -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+  """A tiny eps model directory (random weights, calibrated entropy
+  model), one per test module."""
+  from cdc_jax import testing
+
+  path = str(tmp_path_factory.mktemp("models") / "eps")
+  testing.export_tiny(path, "eps")
+  return path
+
+
+@pytest.fixture(scope="module")
+def cm(model_path):
+  """``model_path`` loaded for the codec."""
+  from cdc_jax import codec
+
+  return codec.load(model_path)

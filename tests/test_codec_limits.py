@@ -29,18 +29,6 @@ T = testing.DIFFUSIONS["eps"]["timesteps"]  # 20000
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("models") / "eps")
-  testing.export_tiny(path, "eps")
-  return path
-
-
-@pytest.fixture(scope="module")
-def cm(model_path):
-  return codec.load(model_path)
-
-
-@pytest.fixture(scope="module")
 def small_file(cm):
   """A valid 50x60 eps file (padded to 64x64), S = STEPS."""
   img = testing.photo("astronaut", (50, 60))

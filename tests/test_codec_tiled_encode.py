@@ -22,13 +22,6 @@ from cdc_jax.models.cdc import CDC
 Y_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def cm(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("models") / "eps")
-  testing.export_tiny(path, "eps")
-  return codec.load(path)
-
-
 def _x(cm, img):
   return to_float(codec.pad_image(img, cm.downsampling_factor))[None]
 

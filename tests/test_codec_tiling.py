@@ -32,18 +32,6 @@ TILE = dict(tile=64, tile_overlap=32)
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("models") / "eps")
-  testing.export_tiny(path, "eps")
-  return path
-
-
-@pytest.fixture(scope="module")
-def cm(model_path):
-  return codec.load(model_path)
-
-
-@pytest.fixture(scope="module")
 def img():
   return testing.photo("astronaut", SIZE, 100, 100)
 
