@@ -44,10 +44,10 @@ def _alpha_sigma(abar):
 
 
 def ddim_from_x0(x_t, x0, abar_t, abar_s):
-  """One DDIM step (eta = 0) from t to s with the x0 prediction ``x0``."""
-  a_t, s_t = _alpha_sigma(abar_t)
+  """One DDIM step (eta = 0) from t to s with the x0 prediction ``x0``,
+  unclipped (``samplers.ddim_step`` clips the x family's)."""
   a_s, s_s = _alpha_sigma(abar_s)
-  return a_s * x0 + s_s * (x_t - a_t * x0) / s_t
+  return a_s * x0 + s_s * diffusion.eps_from_x0(x_t, abar_t, x0)
 
 
 def target_x0(x_t, x_s, abar_t, abar_s):
@@ -84,25 +84,25 @@ def distill_target(x0_fn, x_t, abar_t, abar_mid, abar_s):
 
 def to_output(x_t, x0, abar_t, param: str):
   """The model output of parameterisation ``param`` that means ``x0``."""
-  a_t, s_t = _alpha_sigma(abar_t)
   if param == "x0":
     return x0
-  eps = (x_t - a_t * x0) / s_t
+  eps = diffusion.eps_from_x0(x_t, abar_t, x0)
   if param == "eps":
     return eps
   if param == "v":
+    a_t, s_t = _alpha_sigma(abar_t)
     return a_t * eps - s_t * x0
   raise ValueError(f"unknown parameterisation {param!r}; {PARAMETERISATIONS}")
 
 
 def from_output(x_t, out, abar_t, param: str):
   """The x0 that a model output of parameterisation ``param`` means."""
-  a_t, s_t = _alpha_sigma(abar_t)
   if param == "x0":
     return out
   if param == "eps":
-    return (x_t - s_t * out) / a_t
+    return diffusion.x0_from_eps(x_t, abar_t, out)
   if param == "v":
+    a_t, s_t = _alpha_sigma(abar_t)
     return a_t * x_t - s_t * out
   raise ValueError(f"unknown parameterisation {param!r}; {PARAMETERISATIONS}")
 

@@ -116,12 +116,19 @@ def lpips_alex(tmp_path_factory):
   return path, conv_lpips.load_params(path)
 
 
-def test_evaluate_lpips_column(model, lpips_alex, tmp_path, capsys):
-  path, params = lpips_alex
+def _one_photo(tmp_path, size):
+  """A dataset folder holding one astronaut crop of ``size``: (folder,
+  the image)."""
   data = tmp_path / "photos"
   data.mkdir()
-  img = testing.photo("astronaut", (64, 96), 100, 200)
+  img = testing.photo("astronaut", size, 100, 200)
   Image.fromarray(img).save(data / "a.png")
+  return data, img
+
+
+def test_evaluate_lpips_column(model, lpips_alex, tmp_path, capsys):
+  path, params = lpips_alex
+  data, img = _one_photo(tmp_path, (64, 96))
   out = tmp_path / "report"
   argv = ["--model", f"tiny={model}", "--data", str(data), "--out", str(out)]
   argv += ["--steps", "1", "--baselines", "jpeg", "--no-progress"]
@@ -352,10 +359,7 @@ def test_evaluate_samplers_each_their_own_files(model, tmp_path, capsys):
   its sampler (the decode of a file is the decode of its bytes), named
   apart in the rows and the reconstructions; an unknown sampler is one
   line before any work."""
-  data = tmp_path / "photos"
-  data.mkdir()
-  img = testing.photo("astronaut", (64, 64), 100, 200)
-  Image.fromarray(img).save(data / "a.png")
+  data, img = _one_photo(tmp_path, (64, 64))
   out = tmp_path / "report"
   argv = ["--model", f"tiny={model}", "--data", str(data), "--out", str(out)]
   argv += ["--steps", "3", "--baselines", "jpeg", "--no-progress"]

@@ -186,7 +186,7 @@ def summary(rep: dict) -> str:
   """The report as the lines the main job prints."""
   j = rep["jpeg"]
   steps = rep["decode_steps"]
-  title = samplers.TITLES[rep.get("sampler", samplers.DEFAULT_SAMPLER)]
+  title = samplers.TITLES[rep["sampler"]]
   return (
     f"held-out {rep['image']}: {rep['file_bytes']} bytes = "
     f"{rep['bpp']:.4f} bpp (estimate {rep['estimated_bpp']:.4f}), "
