@@ -33,7 +33,7 @@ def train_job(config, workdir: str) -> dict:
   metrics = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     rep = held_out.report(
-      os.path.join(workdir, train.MODEL_DIR),
+      os.path.join(workdir, model_dir.EXPORT_DIR),
       workdir,
       config.eval.steps,
       config.eval.gamma,

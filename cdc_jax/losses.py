@@ -18,7 +18,9 @@ off otherwise (the deterministic variant). LPIPS params get no gradient.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from cdc_jax import diffusion
@@ -44,11 +46,10 @@ def loss_fn(
 ):
   """Total loss and metrics for images x0 [B,H,W,3] in [-1, 1].
 
-  ``sched_arrays`` = ``schedule_arrays(schedule)``: (sqrt(abar),
-  sqrt(1 - abar), SNR, abar) of the training schedule (abar is read only
-  by the eps family with rho > 0); ``t`` [B] int training indices,
-  ``noise`` like x0, ``rate_noise`` the (u_z, u_y) uniform noise of the
-  rate term; all explicit so parity tests can inject the original's draws.
+  ``sched_arrays`` = ``schedule_arrays(schedule)``, a ``ScheduleArrays``
+  (abar is read only by the eps family with rho > 0); ``t`` [B] int
+  training indices, ``noise`` like x0, ``rate_noise`` the (u_z, u_y)
+  uniform noise of the rate term; all explicit so parity tests can inject the original's draws.
 
   ``rho`` (a Python number) weighs the LPIPS-VGG term; it needs
   ``lpips_params`` (``cdc_jax.convert.lpips.load_params``). Its dropout is
@@ -59,7 +60,11 @@ def loss_fn(
   ``weight_floor`` (x family; config ``diffusion.loss_weight_floor``, 0 =
   the original): the x0 loss weight is ``max(min(SNR, 5), weight_floor)``.
   """
-  sqrt_abar, sqrt_1m_abar, snr = sched_arrays[:3]
+  sqrt_abar, sqrt_1m_abar, snr = (
+    sched_arrays.sqrt_abar,
+    sched_arrays.sqrt_1m_abar,
+    sched_arrays.snr,
+  )
   variables = {"params": params}
   out = model.apply(
     variables, x0, train=True, rate_noise=rate_noise, method=CDC.context_model
@@ -100,7 +105,7 @@ def predicted_x0(family: str, sched_arrays, x_t, t, pred):
   x: the prediction itself, not clipped (as the original).
   """
   if family == "eps":
-    abar = sched_arrays[3]
+    abar = sched_arrays.abar
     return jnp.clip(diffusion.x0_from_eps(x_t, abar[t], pred), -1.0, 1.0)
   return pred
 
@@ -119,9 +124,18 @@ def _lpips(params, x0, x0_hat, dropout_rng, dropout_masks):
   )
 
 
-def schedule_arrays(schedule: diffusion.Schedule):
-  """The (sqrt(abar), sqrt(1 - abar), SNR, abar) arrays ``loss_fn`` reads."""
-  return (
+class ScheduleArrays(NamedTuple):
+  """The training schedule as the loss reads it (a pytree of [T] arrays)."""
+
+  sqrt_abar: jax.Array
+  sqrt_1m_abar: jax.Array
+  snr: jax.Array
+  abar: jax.Array
+
+
+def schedule_arrays(schedule: diffusion.Schedule) -> ScheduleArrays:
+  """``schedule``'s arrays as ``loss_fn`` reads them."""
+  return ScheduleArrays(
     jnp.asarray(schedule.sqrt_alphas_cumprod),
     jnp.asarray(schedule.sqrt_one_minus_alphas_cumprod),
     jnp.asarray(schedule.snr),

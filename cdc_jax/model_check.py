@@ -97,6 +97,13 @@ def check_model(model, where: str, error) -> dict:
   return model
 
 
+def diffusion_config(config) -> dict:
+  """The diffusion section as model.json records it, from a run config
+  (a missing field is None, for ``check_diffusion`` to name)."""
+  d = config.diffusion
+  return {"schedule": d.get("schedule"), "timesteps": d.get("timesteps")}
+
+
 def check_diffusion(diffusion, where: str, error) -> dict:
   if not isinstance(diffusion, dict):
     raise error(f"{where}: 'diffusion' must be an object")

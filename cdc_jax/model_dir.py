@@ -293,13 +293,10 @@ def read_workdir_config(workdir: str):
         "cdc_jax training workdir?"
       )
   model_check.check_model(to_config(config.model.to_dict()), path, ModelError)
-  model_check.check_diffusion(_diffusion_of(config), path, ModelError)
+  model_check.check_diffusion(
+    model_check.diffusion_config(config), path, ModelError
+  )
   return config
-
-
-def _diffusion_of(config) -> dict:
-  d = config.diffusion
-  return {"schedule": d.get("schedule"), "timesteps": d.get("timesteps")}
 
 
 def load_workdir(workdir: str) -> LoadedModel:
@@ -308,7 +305,7 @@ def load_workdir(workdir: str) -> LoadedModel:
 
   config = read_workdir_config(workdir)
   model_config = to_config(config.model.to_dict())
-  diffusion_config = _diffusion_of(config)
+  diffusion_config = model_check.diffusion_config(config)
   where = os.path.join(workdir, WORKDIR_CONFIG)
   model_check.expected_params(model_config, where, ModelError)
   model = from_config(model_config)

@@ -88,7 +88,9 @@ def check_model(config) -> None:
   model_check.check_model(
     to_config(config.model.to_dict()), where, TrainingError
   )
-  model_check.check_diffusion(diffusion_config(config), where, TrainingError)
+  model_check.check_diffusion(
+    model_check.diffusion_config(config), where, TrainingError
+  )
   lr = config.train.lr_schedule
   if lr not in LR_SCHEDULES:
     raise TrainingError(
@@ -101,8 +103,8 @@ def validate_config(config) -> None:
   check_model(config)
   dc = config.diffusion
   _check_lpips(dc)
-  t_min = dc.get("train_t_min", 0.0)
-  floor = dc.get("loss_weight_floor", 0.0)
+  t_min = dc.train_t_min
+  floor = dc.loss_weight_floor
   if not 0.0 <= t_min < 1.0:
     raise TrainingError(f"diffusion.train_t_min = {t_min} must be in [0, 1)")
   if floor < 0.0:
@@ -116,11 +118,3 @@ def validate_config(config) -> None:
       f"data.crop_size={crop} must be a positive multiple of {factor} (the "
       "model's downsampling factor)"
     )
-
-
-def diffusion_config(config) -> dict:
-  """The diffusion section as a model directory records it."""
-  return {
-    "schedule": config.diffusion.schedule,
-    "timesteps": int(config.diffusion.timesteps),
-  }

@@ -41,7 +41,7 @@ def lpips_kwargs(config, lpips_params, rng, step) -> dict:
   if not rho:
     return {}
   kw = {"rho": rho, "lpips_params": lpips_params}
-  if dc.get("lpips_dropout", True):
+  if dc.lpips_dropout:
     step_key = jax.random.fold_in(rng, step)
     kw["dropout_rng"] = jax.random.fold_in(step_key, LPIPS_STREAM)
   return kw
@@ -50,7 +50,7 @@ def lpips_kwargs(config, lpips_params, rng, step) -> dict:
 def first_t(config, timesteps: int) -> int:
   """Lowest training index: ``floor(diffusion.train_t_min * T)``; the
   original draws t from all of [0, T) (``train_t_min`` = 0)."""
-  return int(config.diffusion.get("train_t_min", 0.0) * timesteps)
+  return int(config.diffusion.train_t_min * timesteps)
 
 
 def train_step(
@@ -68,7 +68,7 @@ def train_step(
   tc = config.train
   x0 = batch.astype(jnp.float32) / 255.0 * 2.0 - 1.0
   b, h, w, _ = x0.shape
-  timesteps = sched_arrays[0].shape[0]
+  timesteps = sched_arrays.abar.shape[0]
   kt, kz, ky, kn = jax.random.split(jax.random.fold_in(rng, state.step), 4)
   t = jax.random.randint(kt, (b,), first_t(config, timesteps), timesteps)
   shapes = model.latent_shapes(b, h, w)
@@ -82,7 +82,7 @@ def train_step(
   grad_fn = jax.value_and_grad(
     functools.partial(
       loss_fn,
-      weight_floor=config.diffusion.get("loss_weight_floor", 0.0),
+      weight_floor=config.diffusion.loss_weight_floor,
       **lpips_kwargs(config, lpips_params, rng, state.step),
     ),
     has_aux=True,

@@ -17,7 +17,7 @@ import pytest
 import tiny_training
 from PIL import Image
 
-from cdc_jax import diffusion, testing, train
+from cdc_jax import diffusion, testing, train, train_config
 from cdc_jax.convert import lpips as conv_lpips
 from cdc_jax.data.sources import HELD_OUT
 from cdc_jax.eval import held_out, metrics
@@ -140,7 +140,7 @@ def test_evaluator_from_config(tmp_path, lpips_alex):
   with pytest.raises(ValueError, match="missing"):
     train._make_evaluator(_config(str(tmp_path / "missing"), ""), model)
   bad = _config("", str(tmp_path / "none.npz"))
-  with pytest.raises(train.TrainingError, match="none.npz"):
+  with pytest.raises(train_config.TrainingError, match="none.npz"):
     train._make_evaluator(bad, model)
 
 

@@ -20,7 +20,7 @@ from cdc_jax.models import lpips as lp
 from cdc_jax.models.cdc import from_config
 from cdc_jax.optim import make_optimizer
 from cdc_jax.testing import DIFFUSIONS, random_params, tiny_model
-from cdc_jax.train import TrainingError, validate_config
+from cdc_jax.train_config import TrainingError, validate_config
 from cdc_jax.train_state import init_state
 from cdc_jax.train_step import first_t, make_train_step
 

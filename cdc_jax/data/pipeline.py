@@ -50,8 +50,7 @@ class BatchIterator(Protocol):
 
 def _options(data: Any) -> tuple[str, int]:
   """(pipeline, workers) from the data config, checked."""
-  pipeline = data.get("pipeline", "threads")
-  workers = data.get("workers", 0)
+  pipeline, workers = data.pipeline, data.workers
   if pipeline not in PIPELINES:
     raise DataError(
       f"--config.data.pipeline={pipeline!r} is not one of {PIPELINES}"
