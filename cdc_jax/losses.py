@@ -49,7 +49,8 @@ def loss_fn(
   ``sched_arrays`` = ``schedule_arrays(schedule)``, a ``ScheduleArrays``
   (abar is read only by the eps family with rho > 0); ``t`` [B] int
   training indices, ``noise`` like x0, ``rate_noise`` the (u_z, u_y)
-  uniform noise of the rate term; all explicit so parity tests can inject the original's draws.
+  uniform noise of the rate term; all explicit so parity tests can
+  inject the original's draws.
 
   ``rho`` (a Python number) weighs the LPIPS-VGG term; it needs
   ``lpips_params`` (``cdc_jax.convert.lpips.load_params``). Its dropout is
