@@ -1,4 +1,4 @@
-"""Diffusion math of CDC as pure functions (spec §6).
+"""Diffusion math of CDC as pure functions (docs/model.md §6, §7).
 
 Schedules are computed in float64 NumPy and stored as float32, exactly as
 the original registers its ``train_*`` buffers. The decode samplers (DDIM

@@ -1,4 +1,4 @@
-"""The training loss of CDC (spec §6.2, §6.5).
+"""The training loss of CDC (docs/model.md §7).
 
 ``lam * mean(bpp) + diffusion_loss + extra_loss`` where the diffusion loss
 is L1 on eps (family ``eps``) or the min(SNR, 5)-weighted L2 on x0 (family
@@ -100,7 +100,7 @@ def loss_fn(
 
 
 def predicted_x0(family: str, sched_arrays, x_t, t, pred):
-  """The x0 estimate the LPIPS term compares with x0 (spec §6.2).
+  """The x0 estimate the LPIPS term compares with x0 (docs/model.md §7.4).
 
   eps: clip(sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps_hat, -1, 1);
   x: the prediction itself, not clipped (as the original).

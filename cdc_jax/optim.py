@@ -1,9 +1,9 @@
 """The optimizer and the schedules of training: learning rate and λ.
 
 * ``lr_schedule``: the paper's staircase (default) or the released code's
-  effective schedule (spec §7.2).
+  effective schedule (docs/model.md §8.2).
 * ``lambda_schedule``: the rate weight λ with its warm-up inside one run
-  (the original needs two runs, spec §7.5).
+  (the original needs two runs, docs/model.md §8.3).
 * ``make_optimizer``: [global-norm clipping] + Adam with PyTorch defaults.
 """
 

@@ -1,10 +1,11 @@
 """Jitted decode loops, one compile per (shape, steps, sampler).
 
 The loop runs the S steps of a sampler (``cdc_jax.samplers``: DDIM, the
-original's, from i = S-1 down to 0 as spec §6.3, or DPM-Solver++(2M)) as
-a ``lax.fori_loop`` over a window [start, stop) of its per-step tables,
-first step first, carrying the sampler's state (x_t, and the solver's
-previous x0 prediction): the U-Net is traced once, whatever S is.
+original's, from i = S-1 down to 0 as docs/model.md §9.1, or
+DPM-Solver++(2M)) as a ``lax.fori_loop`` over a window [start, stop) of
+its per-step tables, first step first, carrying the sampler's state (x_t,
+and the solver's previous x0 prediction): the U-Net is traced once,
+whatever S is.
 Decoding always uses eval semantics (rounded latents) and an explicit
 initial noise x_T, which the codec draws as ``gamma * N(0, I)`` from the
 seed stored in the file.

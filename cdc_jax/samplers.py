@@ -17,7 +17,7 @@ derives it from eps with the schedule, unclipped.
 
 Samplers (``SAMPLERS``: name -> the id a file header stores):
 
-* ``ddim`` (0): the original's decode (spec §6.3), float op for float:
+* ``ddim`` (0): the original's decode (docs/model.md §9), float op for float:
   its index grid ``floor(linspace(0, T-1, S))`` and its time inputs (eps:
   i/S, x: idx_i/T). First order.
 * ``dpmpp2m`` (1): DPM-Solver++(2M) (Lu et al. 2022), the multistep
@@ -93,11 +93,11 @@ def sampler_name(sid: int) -> str:
 
 
 def sample_indices(timesteps: int, steps: int, family: str) -> np.ndarray:
-  """Training indices visited by an S-step DDIM decode (spec §6.3).
+  """Training indices visited by an S-step DDIM decode (docs/model.md §9.1).
 
   ``floor(linspace(0, T-1, S))``; the x family special-cases S = 1 to
   [T-1]. The original truncates a float32 torch linspace; for the S values
-  listed in spec §6.3 the indices are identical.
+  listed in docs/model.md §9.1 the indices are identical.
   """
   if steps < 1:
     raise ValueError(f"decode steps must be >= 1, got {steps}")
@@ -109,7 +109,8 @@ def sample_indices(timesteps: int, steps: int, family: str) -> np.ndarray:
 
 class DDIMTables(NamedTuple):
   """Per-step float32 arrays of an S-step DDIM decode (``ddim_tables``:
-  the spec's index i = 0..S-1; ``tables``: first step first)."""
+  the index i = 0..S-1 of docs/model.md §9.1; ``tables``: first step
+  first)."""
 
   abar: np.ndarray
   abar_prev: np.ndarray
@@ -119,7 +120,8 @@ class DDIMTables(NamedTuple):
 def ddim_tables(
   schedule: diffusion.Schedule, steps: int, family: str
 ) -> DDIMTables:
-  """eps: time i/S; x: time idx_i/T (the original's quirk, spec §6.3)."""
+  """eps: time i/S; x: time idx_i/T (the original's quirk,
+  docs/model.md §9.2)."""
   idx = sample_indices(schedule.timesteps, steps, family)
   abar = schedule.alphas_cumprod[idx].astype(np.float32)
   abar_prev = np.concatenate([[1.0], abar[:-1]]).astype(np.float32)

@@ -1,7 +1,7 @@
 """The training state: params, EMA params, optimizer state, step, λ.
 
 One pytree (``TrainState``) is jitted, donated, sharded and checkpointed
-as a whole. EMA follows ema_pytorch 0.2.3 (spec §7.3): every
+as a whole. EMA follows ema_pytorch 0.2.3 (docs/model.md §8.4): every
 ``update_every`` steps, a copy until ``update_after_step``, then a lerp
 with decay ``1 - (s - 99)^-power`` capped at ``beta``. Decoding and
 evaluation read ``decoding_params`` (the EMA copy where the run keeps one).
@@ -61,7 +61,8 @@ def decoding_params(state: TrainState):
 
 
 def ema_decay(step, ec: ml_collections.ConfigDict):
-  """ema_pytorch 0.2.3's decay at update counter ``step`` (spec §7.3)."""
+  """ema_pytorch 0.2.3's decay at update counter ``step``
+  (docs/model.md §8.4)."""
   n = step + 1
   e = jnp.maximum(n - ec.update_after_step - 1, 0).astype(jnp.float32)
   d = 1.0 - (1.0 + e) ** (-ec.power)

@@ -106,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
       b2=0.999,
       eps=1e-8,
       # "paper": lr * decay^floor(step / every), floored at lr_min;
-      # "released": the original code's effective schedule (spec §7.2):
+      # "released": the original's effective schedule (docs/model.md §8.2):
       # lr until `every`, then lr * decay^(step - every + 1), floored.
       lr_schedule="paper",
       lr_decay=0.8,
@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
       lam=0.0032,
       warmup_lambda=1e-6,
       warmup_steps=700_000,
-      # EMA of the params (ema_pytorch semantics, spec §7.3).
+      # EMA of the params (ema_pytorch semantics, docs/model.md §8.4).
       ema=ml_collections.ConfigDict(
         dict(
           enabled=True,

@@ -1,5 +1,5 @@
-"""The released eps-param config (spec §0): BigCompressor + U-Net, linear
-T=20000 schedule, L1 loss on the noise, no EMA, no gradient clipping.
+"""The released eps-param config (docs/model.md §1): BigCompressor + U-Net,
+linear T=20000 schedule, L1 loss on the noise, no EMA, no gradient clipping.
 
 Run (embedded photos, tiny model, a few minutes on CPU)::
 
@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.diffusion.schedule = "linear"
   c.diffusion.timesteps = 20000
   c.train.lam = 0.0032
-  # The released eps trainer: no clipping, no EMA (spec §7.1, §7.3).
+  # The released eps trainer: no clipping, no EMA (docs/model.md §8.1, §8.4).
   c.train.grad_clip = 0.0
   c.train.ema.enabled = False
   c.eval.steps = 200

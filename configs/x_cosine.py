@@ -1,6 +1,6 @@
-"""The released x-param config (spec §0): ResnetCompressor (64-channel
-context) + U-Net, cosine T=8193 schedule, min(SNR,5)-weighted L2 on x0,
-EMA, gradient clipping at 1.0.
+"""The released x-param config (docs/model.md §1): ResnetCompressor
+(64-channel context) + U-Net, cosine T=8193 schedule, min(SNR,5)-weighted
+L2 on x0, EMA, gradient clipping at 1.0.
 
 Run (embedded photos, tiny model, a few minutes on CPU)::
 

@@ -42,7 +42,7 @@ RELEASE = {
     dtype="float32",
   ),
 }
-PARAM_COUNT = {"eps": 53_627_654, "x": 53_885_379}  # spec §0
+PARAM_COUNT = {"eps": 53_627_654, "x": 53_885_379}  # docs/model.md §1
 KEY_COUNT = {"eps": 472, "x": 473}  # with the train_* buffers
 TINY_DIFFUSION = {
   "eps": {"schedule": "linear", "timesteps": 100},
@@ -524,7 +524,8 @@ def test_layer_norm_matches_torch():
   x = (rng.standard_normal((2, 6, 5, 4)) * 3 + 1).astype(np.float32)
   g = rng.standard_normal((1, 6, 1, 1)).astype(np.float32)
   b = rng.standard_normal((1, 6, 1, 1)).astype(np.float32)
-  # The original's channel LayerNorm (spec §3.3): biased variance, eps 1e-5.
+  # The original's channel LayerNorm (docs/model.md §2.3): biased variance,
+  # eps 1e-5.
   xt = torch.from_numpy(x)
   var = torch.var(xt, dim=1, unbiased=False, keepdim=True)
   mean = torch.mean(xt, dim=1, keepdim=True)

@@ -1,7 +1,7 @@
 """Tests of cdc_jax.diffusion: schedules, parameterisations, losses (the
 samplers' tests are in test_samplers.py).
 
-Expected numbers are the original's (spec §6.1, §6.3), not this port's.
+Expected numbers are the original's (docs/model.md §6, §9), not this port's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def cosine():
   return diffusion.make_schedule("cosine", T_X)
 
 
-# -- schedules (spec §6.1) ----------------------------------------------------
+# -- schedules (docs/model.md §6) ----------------------------------------------
 
 
 def test_linear_schedule_values(linear):

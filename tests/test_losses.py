@@ -1,4 +1,4 @@
-"""The training loss with the LPIPS-VGG term (rho > 0, spec §6.2, §6.5):
+"""The training loss with the LPIPS-VGG term (rho > 0, docs/model.md §7):
 eps clamps x0_hat, x does not; rho = 0 is the plain loss; the dropout
 variant depends on its key, the deterministic one on nothing; gradients
 are finite; a train step with rho > 0 runs and keeps the rho = 0 draws.

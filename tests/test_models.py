@@ -1,4 +1,4 @@
-"""Tests of the Flax modules (cdc_jax.models) against the spec (§0, §3, §4).
+"""Tests of the Flax modules (cdc_jax.models) against docs/model.md §1-§4.
 
 Full-size models are only shape-checked (``jax.eval_shape``: no compute);
 numerics use dim-8 models and hand-written NumPy references.
@@ -22,7 +22,7 @@ EPS_RELEASE = dict(family="eps")
 X_RELEASE = dict(
   family="x", reverse_context_dim_mults=(4, 3, 2, 1), context_channels=64
 )
-PARAM_COUNTS = {"eps": 53_627_654, "x": 53_885_379}  # spec §0
+PARAM_COUNTS = {"eps": 53_627_654, "x": 53_885_379}  # docs/model.md §1
 COMPRESSOR_COUNTS = {"eps": 13_714_947, "x": 13_777_472}
 
 
@@ -117,7 +117,7 @@ def test_strided_conv_is_symmetric_and_ceil(size):
   ref = _np_conv(x.astype(np.float64), p["kernel"], p["bias"], 2, 1)
   np.testing.assert_allclose(y, ref, atol=1e-5)
   if h % 2 == 0:
-    # Flax SAME pads (0, 1) here and gives a different answer (spec §2).
+    # Flax SAME pads (0, 1) here and gives another answer (docs/model.md §2.1).
     same = nn.Conv(4, (3, 3), strides=2, padding="SAME")
     y_same = np.asarray(same.apply(params, x))
     assert y_same.shape == y.shape
@@ -196,7 +196,7 @@ def test_layer_norm_matches_numpy():
 
 
 def _np_linear_attention(x, p):
-  """Residual(PreNorm(LinearAttention)) per spec §3.6, NHWC, float64."""
+  """Residual(PreNorm(LinearAttention)) (docs/model.md §2.5), NHWC, float64."""
   b, h, w, c = x.shape
   y = _np_layer_norm(x, p["norm"]["scale"], p["norm"]["bias"])
   qkv = y.reshape(b, h * w, c) @ p["to_qkv"]["kernel"][0, 0]
@@ -264,7 +264,7 @@ def test_time_mlp_uses_exact_gelu():
   assert err_approx > 10 * err_exact and err_approx > 1e-5
 
 
-# -- custom gradients (spec §3.9) ---------------------------------------------
+# -- custom gradients (docs/model.md §4.1) -------------------------------------
 
 
 def test_ste_round_forward_and_gradient():
@@ -298,7 +298,7 @@ def test_lower_bound_forward_and_gradient():
   assert np.asarray(g_max)[0] == 0.0
 
 
-# -- the compressor (spec §4.4 - §4.6), dim 8 ---------------------------------
+# -- the compressor (docs/model.md §3.3 - §4.3), dim 8 -------------------------
 
 SMALL_EPS = dict(family="eps", dim=8)
 SMALL_X = dict(
@@ -363,7 +363,7 @@ def small():
 
 
 def _np_prior_logits(u, prior):
-  """FlexiblePrior CDF logits (spec §4.6); u [..., C]."""
+  """FlexiblePrior CDF logits (docs/model.md §4.3); u [..., C]."""
   sp = lambda w: np.log1p(np.exp(w))
   h = u.astype(np.float64)[..., None]
   for k in range(4):
@@ -486,7 +486,8 @@ def test_extra_loss_gradient_reaches_only_medians(small):
 
 
 def test_rate_gradient_reaches_hyper_decoder_not_through_mean_rounding(small):
-  """mu inside y_hat is detached; the rate still trains h_s (spec §4.4/5)."""
+  """mu inside y_hat is detached; the rate still trains h_s
+  (docs/model.md §3.3, §4.2)."""
   model, params, x, *_ = small
 
   def rate(p):

@@ -1,4 +1,4 @@
-"""Learning-rate and rate-weight schedules (spec §7.2, §7.5), optimizer."""
+"""Learning-rate and rate-weight schedules (docs/model.md §8), optimizer."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_lr_released_eps_numbers():
   np.testing.assert_allclose(lr(99_999), 4e-5, rtol=1e-6)
   np.testing.assert_allclose(lr(100_000), 4e-5 * 0.9, rtol=1e-6)
   np.testing.assert_allclose(lr(100_001), 4e-5 * 0.81, rtol=1e-6)
-  # Still above the floor at 100005, at it from 100006 on (spec §7.2).
+  # Still above the floor at 100005, at it from 100006 on (docs/model.md §8.2).
   np.testing.assert_allclose(lr(100_005), 4e-5 * 0.9**6, rtol=1e-6)
   assert lr(100_005) > 2e-5
   for s in (100_006, 100_007, 500_000, 10**6):

@@ -1,6 +1,6 @@
 """Tests of cdc_jax.samplers and the decode loops that run them.
 
-DDIM's grid and update are the original's (spec §6.3). DPM-Solver++(2M)
+DDIM's grid and update are the original's (docs/model.md §9). DPM-Solver++(2M)
 is checked for its order on an analytic model, Gaussian data, where the
 exact denoiser and the exact ODE solution are closed form; the loops
 (``cdc_jax.sample``, ``codec.tiling``) on the tiny models of
@@ -61,7 +61,7 @@ def test_registry_names_and_ids():
     samplers.tables(_schedule("x"), 4, "v", "dpmpp2m")
 
 
-# -- DDIM: indices and tables (spec §6.3) -------------------------------------
+# -- DDIM: indices and tables (docs/model.md §9.1) -----------------------------
 
 
 @pytest.mark.parametrize("steps", [2, 3, 5, 17, 65])
@@ -99,7 +99,7 @@ def test_ddim_tables_eps_time_is_index_over_steps(linear):
   assert t.abar_prev[0] == 1.0
   np.testing.assert_array_equal(t.abar_prev[1:], t.abar[:-1])
   np.testing.assert_array_equal(t.time, np.arange(s, dtype=np.float32) / s)
-  # Spec example: i = 100 gives 0.5, not idx/T = 10049 / 20000.
+  # docs/model.md §9.2: i = 100 gives 0.5, not idx/T = 10049 / 20000.
   assert t.time[100] == 0.5 and idx[100] == 10049
   assert t.time.dtype == t.abar.dtype == t.abar_prev.dtype == np.float32
 

@@ -1,4 +1,5 @@
-"""The train state: EMA (ema_pytorch 0.2.3 semantics, spec §7.3), init."""
+"""The train state: EMA (ema_pytorch 0.2.3 semantics, docs/model.md §8.4),
+init."""
 
 from __future__ import annotations
 

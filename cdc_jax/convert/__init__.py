@@ -5,8 +5,9 @@ Usage::
   python -m cdc_jax.convert CHECKPOINT.pt OUTPUT_DIR [--family eps|x]
       [--ema | --no-ema]
 
-The released files (spec §9) are ``{"step", "model"}`` (eps family) or
-``{"step", "model", "ema"}`` (x family, EMA weights under ``ema_model.``).
+The released files (docs/model.md §10) are ``{"step", "model"}`` (eps
+family) or ``{"step", "model", "ema"}`` (x family, EMA weights under
+``ema_model.``).
 The converter
 
 1. loads the file with ``torch.load(weights_only=True)`` (torch is only

@@ -19,7 +19,7 @@ from cdc_jax import diffusion
 from cdc_jax.convert.errors import ConversionError, listing
 from cdc_jax.convert.transforms import shape_of
 
-# The released diffusion settings per family (spec §0).
+# The released diffusion settings per family (docs/model.md §1).
 RELEASE_DIFFUSION = {
   "eps": {"schedule": "linear", "timesteps": 20000},
   "x": {"schedule": "cosine", "timesteps": 8193},
@@ -28,7 +28,8 @@ BUFFER_PREFIX = "train_"
 
 
 def detect_family(keys: Iterable[str]) -> str:
-  """'eps' or 'x' from the context model's Downsample key (spec §9.4)."""
+  """'eps' or 'x' from the context model's Downsample key
+  (docs/model.md §10.4)."""
   keys = set(keys)
   eps = "context_fn.enc.0.2.conv.weight" in keys
   x = "context_fn.enc.0.1.conv.weight" in keys

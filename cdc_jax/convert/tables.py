@@ -79,7 +79,7 @@ def _attention(t: str, f: str) -> Iterator[Row]:
 
 
 def _widths(cfg: Mapping[str, Any]):
-  """Channel bookkeeping of the context model (spec §4.1)."""
+  """Channel bookkeeping of the context model (docs/model.md §3.1)."""
   d = cfg["dim"]
   dims = [cfg["channels"], *(d * m for m in cfg["context_dim_mults"])]
   if cfg["family"] == "eps":
@@ -124,7 +124,8 @@ def _unet_rows(cfg: Mapping[str, Any], context: list[int]) -> Iterator[Row]:
 
 
 def _prior_rows(t: str, f: str) -> Iterator[Row]:
-  """FlexiblePrior (torch) -> FactorizedPrior: chain 1-3-3-3-1 (spec §4.6)."""
+  """FlexiblePrior (torch) -> FactorizedPrior: chain 1-3-3-3-1
+  (docs/model.md §4.3)."""
   yield Row(f"{t}._medians", f"{f}/medians", CHANNELS)
   for k in range(4):
     p = f"{t}.affine.{k}"

@@ -8,9 +8,9 @@
                                                      |        -log2 p(z_hat)
   x_t, t, context --denoise_fn--> eps-hat (family "eps") / x0-hat ("x")
 
-Two released families (spec §0): ``eps`` (BigCompressor, 3-channel context,
-linear T=20000, L1 on eps) and ``x`` (ResnetCompressor, 64-channel context,
-cosine T=8193, min(SNR,5)-weighted L2 on x0). The param tree is
+Two released families (docs/model.md §1): ``eps`` (BigCompressor, 3-channel
+context, linear T=20000, L1 on eps) and ``x`` (ResnetCompressor, 64-channel
+context, cosine T=8193, min(SNR,5)-weighted L2 on x0). The param tree is
 ``{"context_fn": ..., "denoise_fn": ...}``, mirroring the torch state_dict.
 
 ``from_config`` / ``to_config`` are the one (de)serialiser of the model's
@@ -45,7 +45,8 @@ _COMPUTE_ONLY = ("remat",)
 
 
 class CDC(nn.Module):
-  """Both released model families; defaults are the eps release (spec §0)."""
+  """Both released model families; defaults are the eps release
+  (docs/model.md §1)."""
 
   family: str = "eps"
   dim: int = 64

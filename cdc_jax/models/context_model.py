@@ -1,6 +1,6 @@
 """The context model ("context_fn"): g_a, h_a, h_s, entropy models, g_s.
 
-Data flow (spec §4.4; eps family shown, x differs in the context channels)::
+Data flow (docs/model.md §3.3; eps shown, x differs in the context width)::
 
   x [B,H,W,3] --g_a--> y [B,H/16,W/16,256] --h_a--> z [B,H/64,W/64,256]
   z_hat = round(z - medians) + medians               (factorized prior)

@@ -1,4 +1,4 @@
-"""Entropy models of CDC (spec §3.9, §4.5, §4.6).
+"""Entropy models of CDC (docs/model.md §4).
 
 * ``FactorizedPrior``: the per-channel learned CDF of the hyper-latent z
   (Balle et al. 2018, appendix 6.1; "FlexiblePrior" in the original), with

@@ -1,4 +1,4 @@
-"""Building blocks shared by the compressor and the U-Net (spec §3).
+"""Building blocks shared by the compressor and the U-Net (docs/model.md §2).
 
 Everything is NHWC. Convolutions use explicit, symmetric PyTorch-style
 padding (never Flax ``SAME``, which pads stride-2 convs asymmetrically), and
@@ -125,7 +125,8 @@ class Dense(nn.Module):
 
 
 class LayerNorm(nn.Module):
-  """Channel LayerNorm of the original (spec §3.3): biased variance, eps 1e-5.
+  """Channel LayerNorm of the original (docs/model.md §2.3): biased variance,
+  eps 1e-5.
 
   Computed in float32 as mean((x - mean)^2), not E[x^2] - E[x]^2.
   """
@@ -145,7 +146,8 @@ class LayerNorm(nn.Module):
 
 
 class Block(nn.Module):
-  """Conv (7x7 if ``large`` else 3x3) -> LayerNorm -> ReLU (spec §3.4)."""
+  """Conv (7x7 if ``large`` else 3x3) -> LayerNorm -> ReLU
+  (docs/model.md §2.4)."""
 
   features: int
   large: bool = False
@@ -160,7 +162,7 @@ class Block(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-  """Two Blocks, optional time conditioning, 1x1 residual (spec §3.5).
+  """Two Blocks, optional time conditioning, 1x1 residual (docs/model.md §2.4).
 
   Submodule names mirror torch: ``mlp_1`` (Linear after LeakyReLU(0.2)),
   ``block1``, ``block2``, ``res_conv`` (only when in != out).
@@ -185,7 +187,8 @@ class ResnetBlock(nn.Module):
 
 
 class LinearAttention(nn.Module):
-  """``Residual(PreNorm(LinearAttention(dim)))`` of the original (spec §3.6).
+  """``Residual(PreNorm(LinearAttention(dim)))`` of the original
+  (docs/model.md §2.5).
 
   One head of width C; q scaled by C^-1/2 and *not* softmax-normalised; k
   softmax-normalised over the spatial positions. Returns x + attn(LN(x)).
@@ -212,7 +215,7 @@ class LinearAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-  """3x3 stride-2 conv, padding 1: output ceil(H/2) (spec §3.1)."""
+  """3x3 stride-2 conv, padding 1: output ceil(H/2) (docs/model.md §2.2)."""
 
   features: int
   dtype: Dtype = jnp.float32

@@ -20,9 +20,10 @@ rho > 0 checkpoints loads as is, see ``convert.tables.lpips_table``)::
   features_{k}/{kernel,bias}    (kh, kw, I, O)   torchvision features[k]
   lin_{i}/kernel                (1, 1, C_i, 1)   lpips lin{i}.model.1
 
-The CDC training loss (spec §6.5) runs LPIPS-VGG with its dropout active;
-``deterministic=False`` draws the masks from the ``'dropout'`` rng stream,
-``dropout_masks`` injects them (parity tests, a deterministic variant).
+The CDC training loss (docs/model.md §7.4) runs LPIPS-VGG with its dropout
+active; ``deterministic=False`` draws the masks from the ``'dropout'`` rng
+stream, ``dropout_masks`` injects them (parity tests, a deterministic
+variant).
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def lpips_distance(
   """LPIPS between ``x`` and ``y`` with frozen ``params`` (jit/grad safe).
 
   ``train=True`` turns the lpips dropout on, as the original's training
-  loss has it (spec §6.5): pass ``dropout_rng`` (a key) or
+  loss has it (docs/model.md §7.4): pass ``dropout_rng`` (a key) or
   ``dropout_masks`` (see ``LPIPS``). Gradients flow to ``x`` and ``y``,
   never to ``params`` (``stop_gradient``). ``net`` is read from the params
   when None.

@@ -1,4 +1,4 @@
-"""The conditional U-Net ("denoise_fn") of CDC (spec §5).
+"""The conditional U-Net ("denoise_fn") of CDC (docs/model.md §5).
 
 Data flow for the released configs (dim 64, mults 1..6, 4 context maps)::
 
