@@ -6,7 +6,7 @@ compile-only devices stand in for the slice. Nothing runs on a device.
 
   python -m venv --system-site-packages /tmp/tpuenv
   /tmp/tpuenv/bin/pip install libtpu==0.0.52     # not in requirements
-  /tmp/tpuenv/bin/python benchmarks/aot_tpu.py \
+  /tmp/tpuenv/bin/python -m benchmarks.aot_tpu \
       --config configs/eps_linear.py --topology v5e:4x4 --per-chip 4 \
       --dtype bfloat16 [--remat]
 
@@ -24,23 +24,19 @@ donated, temporaries), against the chip's HBM where known.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-# The train-step benchmark beside this file: the step jitted as the
-# trainer jits it (state replicated and donated, batch split).
-from train_step import flops_of, jit_step  # noqa: E402
-
-from cdc_jax import sharding  # noqa: E402
-from cdc_jax.models.cdc import from_config  # noqa: E402
-from cdc_jax.optim import make_optimizer  # noqa: E402
-from cdc_jax.train_state import init_state  # noqa: E402
-from configs import common  # noqa: E402
+# The train-step benchmark: the step jitted as the trainer jits it (state
+# replicated and donated, batch split).
+from benchmarks.train_step import flops_of, jit_step
+from cdc_jax import sharding
+from cdc_jax.models.cdc import from_config
+from cdc_jax.optim import make_optimizer
+from cdc_jax.train_state import init_state
+from configs import common
 
 HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5p": 95, "TPU v6 lite": 32}
 

@@ -1,6 +1,6 @@
 """What bfloat16 compute changes: training loss and decoded images.
 
-  python benchmarks/bf16_quality.py --config configs/eps_linear.py:tiny \
+  python -m benchmarks.bf16_quality --config configs/eps_linear.py:tiny \
       --steps 300 --every 25 --plot /tmp/bf16_quality_eps.png
 
 1. Training: the same initial state and the same batches (the embedded
@@ -27,23 +27,21 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cdc_jax import diffusion, sharding  # noqa: E402
-from cdc_jax.data.loader import Loader  # noqa: E402
-from cdc_jax.data.sources import HELD_OUT, EmbeddedSource, embedded_images  # noqa: E402
-from cdc_jax.eval import metrics  # noqa: E402
-from cdc_jax.imageio import to_float, to_uint8  # noqa: E402
-from cdc_jax.models.cdc import CDC, from_config, with_dtype  # noqa: E402
-from cdc_jax.optim import make_optimizer  # noqa: E402
-from cdc_jax.sample import Sampler, initial_noise  # noqa: E402
-from cdc_jax.train_state import decoding_params, init_state  # noqa: E402
-from cdc_jax.train_step import make_train_step  # noqa: E402
-from configs import common  # noqa: E402
+from cdc_jax import diffusion, sharding
+from cdc_jax.data.loader import Loader
+from cdc_jax.data.sources import HELD_OUT, EmbeddedSource, embedded_images
+from cdc_jax.eval import metrics
+from cdc_jax.imageio import to_float, to_uint8
+from cdc_jax.models.cdc import CDC, from_config, with_dtype
+from cdc_jax.optim import make_optimizer
+from cdc_jax.sample import Sampler, initial_noise
+from cdc_jax.train_state import decoding_params, init_state
+from cdc_jax.train_step import make_train_step
+from configs import common
 
 DTYPES = ("float32", "bfloat16")
 

@@ -1,9 +1,9 @@
 """Speed and size of the cdc_jax codec on one 768x512 photo.
 
-  python benchmarks/codec.py --config configs/eps_linear.py:tiny
-  python benchmarks/codec.py --config configs/eps_linear.py --steps 1,2
-  python benchmarks/codec.py --model MODEL_DIR [--steps 1,17,65]
-  python benchmarks/codec.py --config configs/eps_linear.py --calibrate \
+  python -m benchmarks.codec --config configs/eps_linear.py:tiny
+  python -m benchmarks.codec --config configs/eps_linear.py --steps 1,2
+  python -m benchmarks.codec --model MODEL_DIR [--steps 1,17,65]
+  python -m benchmarks.codec --config configs/eps_linear.py --calibrate \
       --steps 1,17 --extrapolate 65 --precision float32,bfloat16 --repeats 1
 
 ``--model`` takes a model directory (or training workdir) as the codec
@@ -45,26 +45,24 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from cdc_jax import codec, model_dir, testing  # noqa: E402
-from cdc_jax.coding import range_coder  # noqa: E402
-from cdc_jax.coding import tables as coding_tables  # noqa: E402
-from cdc_jax.eval import metrics  # noqa: E402
-from cdc_jax.imageio import to_float  # noqa: E402
-from cdc_jax.models.cdc import (  # noqa: E402
+from cdc_jax import codec, model_dir, testing
+from cdc_jax.coding import range_coder
+from cdc_jax.coding import tables as coding_tables
+from cdc_jax.eval import metrics
+from cdc_jax.imageio import to_float
+from cdc_jax.models.cdc import (
   from_config,
   init_params,
   to_config,
   with_dtype,
 )
-from cdc_jax.sample import Sampler, initial_noise  # noqa: E402
-from configs import common  # noqa: E402
+from cdc_jax.sample import Sampler, initial_noise
+from configs import common
 
 
 def model_from_config(spec: str, seed: int):

@@ -1,8 +1,8 @@
 """First and second wall time of ``python -m cdc_jax.codec decompress``.
 
-  python benchmarks/compile_cache.py                        # tiny eps model
-  python benchmarks/compile_cache.py --config configs/x_cosine.py --steps 2
-  python benchmarks/compile_cache.py --model MODEL_DIR --size 512x768
+  python -m benchmarks.compile_cache                        # tiny eps model
+  python -m benchmarks.compile_cache --config configs/x_cosine.py --steps 2
+  python -m benchmarks.compile_cache --model MODEL_DIR --size 512x768
 
 Compresses one photo once, then decompresses the same file several times,
 each in a new process with a new, empty persistent compilation cache
@@ -30,7 +30,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def _model(args, tmp: str, img) -> str:

@@ -1,6 +1,6 @@
 """Peak memory of whole-image decoding, per pixel: the codec's estimate.
 
-  python benchmarks/decode_memory.py --config configs/eps_linear.py \
+  python -m benchmarks.decode_memory --config configs/eps_linear.py \
       --config configs/x_cosine.py --sizes 256x256,512x512
 
 For each config (``path[:variant]``, a random-init model with its
@@ -32,11 +32,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.process_memory import above, mark, run_child
 
-from benchmarks.process_memory import above, mark, run_child  # noqa: E402
-
-HERE = os.path.abspath(__file__)
+MODULE = "benchmarks.decode_memory"  # run_child runs this module
 
 
 def prepare(spec: str, workdir: str, sizes, steps: int):
@@ -112,7 +110,7 @@ def run_config(spec: str, sizes, steps: int) -> dict:
     prepare(spec, tmp, sizes, steps)
     print(f"{spec}: model and files in {time.perf_counter() - t:.0f} s")
     for h, w in sizes:
-      row = run_child(HERE, "--measure", tmp, f"{h}x{w}")
+      row = run_child(MODULE, "--measure", tmp, f"{h}x{w}")
       hp, wp = codec.padded_size(h, w, model.downsampling_factor)
       row["pixels"] = hp * wp
       row["estimate"] = codec.limits.decode_memory(model, h, w)

@@ -1,7 +1,7 @@
 """Cost of decode progress reporting.
 
-  python benchmarks/decode_progress.py                       # tiny eps, 64x64
-  python benchmarks/decode_progress.py --config configs/eps_linear.py \
+  python -m benchmarks.decode_progress                       # tiny eps, 64x64
+  python -m benchmarks.decode_progress --config configs/eps_linear.py \
       --size 256x256 --steps 8
 
 ``cdc_jax.sample.Sampler`` runs the DDIM steps as a ``fori_loop`` over a
@@ -32,15 +32,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cdc_jax import codec, model_dir, sample, samplers, testing  # noqa: E402
-from cdc_jax.models.cdc import CDC  # noqa: E402
-from cdc_jax.sample import initial_noise  # noqa: E402
+from cdc_jax import codec, model_dir, sample, samplers, testing
+from cdc_jax.models.cdc import CDC
+from cdc_jax.sample import initial_noise
 
 
 def plain_decoder(sampler):

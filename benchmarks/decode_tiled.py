@@ -1,12 +1,12 @@
 """Tiled decoding against whole-image decoding: PSNR, peak memory, time.
 
   # (a) the PSNR cost of tiling where both fit, and the peak RSS of both
-  python benchmarks/decode_tiled.py --config configs/eps_linear.py \
+  python -m benchmarks.decode_tiled --config configs/eps_linear.py \
       --size 512x768 --variants whole,256:64,384:128 --steps 2
-  python benchmarks/decode_tiled.py --model MODEL_DIR --steps 65 ...
+  python -m benchmarks.decode_tiled --model MODEL_DIR --steps 65 ...
   # (b) the largest image: a full-size model, 3840x2160, tiles as
   # --tile auto picks them for the machine's memory
-  python benchmarks/decode_tiled.py --config configs/eps_linear.py \
+  python -m benchmarks.decode_tiled --config configs/eps_linear.py \
       --size 2160x3840 --variants auto --steps 2
 
 The model is ``--model DIR`` (a model directory or training workdir, e.g.
@@ -40,11 +40,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.process_memory import above, gb, mark, run_child
 
-from benchmarks.process_memory import above, gb, mark, run_child  # noqa: E402
-
-HERE = os.path.abspath(__file__)
+MODULE = "benchmarks.decode_tiled"  # run_child runs this module
 CALIBRATION = (256, 384)
 
 
@@ -225,7 +223,7 @@ def report(args, workdir: str, model: str) -> dict:
 
   t = time.perf_counter()
   enc = run_child(
-    HERE,
+    MODULE,
     "--encode",
     model,
     workdir,
@@ -241,7 +239,7 @@ def report(args, workdir: str, model: str) -> dict:
   img = np.load(os.path.join(workdir, "image.npy"))
   rows = {}
   for v in args.variants:
-    row = run_child(HERE, "--decode", model, workdir, v)
+    row = run_child(MODULE, "--decode", model, workdir, v)
     row.update(enc[v])
     row["out"] = np.load(os.path.join(workdir, f"{v}.npy"))
     (d0, t0), (d1, t1) = row["marks"][0], row["marks"][-1]

@@ -1,9 +1,9 @@
 """Encoder memory: g_a + h_a per pixel, and tiled compression of big images.
 
   # (a) the whole-image analysis per pixel (codec.tiled_analysis constants)
-  python benchmarks/encode_tiled.py --model MODEL_DIR --memory 256x256,512x512
+  python -m benchmarks.encode_tiled --model MODEL_DIR --memory 256x256,512x512
   # (b) compress a 3840x2160 photo as the CLI's --tile auto --max-memory 8G
-  python benchmarks/encode_tiled.py --model MODEL_DIR --size 2160x3840 \
+  python -m benchmarks.encode_tiled --model MODEL_DIR --size 2160x3840 \
       --tile auto --max-memory 8G
 
 ``--model`` is a model directory (e.g. the full eps model that
@@ -34,11 +34,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.process_memory import above, gb, mark, run_child
 
-from benchmarks.process_memory import above, gb, mark, run_child  # noqa: E402
-
-HERE = os.path.abspath(__file__)
+MODULE = "benchmarks.encode_tiled"  # run_child runs this module
 
 
 def photo(h: int, w: int):
@@ -106,7 +104,7 @@ def memory(model: str, sizes: list[str]) -> dict:
 
   rows = {}
   for s in sizes:
-    r = run_child(HERE, "--child", "analyze", model, s, "none", "none")
+    r = run_child(MODULE, "--child", "analyze", model, s, "none", "none")
     rows[s] = r
     print(
       f"analyze {s}: {r['seconds']:.1f} s, peak {gb(r['peak_above_load'])} "
@@ -146,7 +144,7 @@ def main(argv=None) -> int:
       rows = memory(model, args.memory.split(","))
     else:
       r = run_child(
-        HERE,
+        MODULE,
         "--child",
         "compress",
         model,

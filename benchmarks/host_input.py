@@ -1,7 +1,7 @@
 """Host input speed: the threaded Loader against the grain pipeline.
 
-  python benchmarks/host_input.py
-  python benchmarks/host_input.py --workers 0,1,2,4 --batches 40
+  python -m benchmarks.host_input
+  python -m benchmarks.host_input --workers 0,1,2,4 --batches 40
 
 Writes ``--images`` JPEGs of ``--size`` (default 200 of 768x512, quality
 90) into a temporary folder: the embedded scikit-image photos resized with
@@ -26,14 +26,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from cdc_jax.data.grain_pipeline import GrainLoader  # noqa: E402
-from cdc_jax.data.loader import Loader  # noqa: E402
-from cdc_jax.data.sources import ImageFolderSource, embedded_images  # noqa: E402
+from cdc_jax.data.grain_pipeline import GrainLoader
+from cdc_jax.data.loader import Loader
+from cdc_jax.data.sources import ImageFolderSource, embedded_images
 
 
 def write_jpegs(root: str, n: int, width: int, height: int) -> None:

@@ -1,12 +1,12 @@
 """Peak memory of one measurement, each in a fresh process (Linux).
 
 The memory benchmarks (decode_memory, decode_tiled, encode_tiled) run every
-measurement in a child process of their own script, so that one peak does
+measurement in a child process of their own module, so that one peak does
 not hide behind another and an out-of-memory kill fails one row, not the
 run. In the child: ``mark()`` after the model is loaded (the current RSS,
 and the kernel's high-water mark VmHWM reset through
 ``/proc/self/clear_refs``), ``above(mark)`` after the work (the peak RSS
-above the mark). In the parent: ``run_child(script, *argv)`` returns the
+above the mark). In the parent: ``run_child(module, *argv)`` returns the
 JSON object the child printed last.
 """
 
@@ -39,13 +39,14 @@ def above(rss_at_mark: int) -> int:
   return status_bytes("VmHWM") - rss_at_mark
 
 
-def run_child(script: str, *argv) -> dict:
-  """Runs ``python SCRIPT ARGV...`` on one CPU device (XLA_FLAGS dropped,
-  JAX_PLATFORMS=cpu unless set); returns its last stdout line as JSON."""
+def run_child(module: str, *argv) -> dict:
+  """Runs ``python -m MODULE ARGV...`` (from this process's working
+  directory) on one CPU device (XLA_FLAGS dropped, JAX_PLATFORMS=cpu
+  unless set); returns its last stdout line as JSON."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.setdefault("JAX_PLATFORMS", "cpu")
   proc = subprocess.run(
-    [sys.executable, script, *map(str, argv)],
+    [sys.executable, "-m", module, *map(str, argv)],
     env=env,
     capture_output=True,
     text=True,
@@ -53,7 +54,7 @@ def run_child(script: str, *argv) -> dict:
   if proc.returncode:
     why = " (killed: out of memory?)" if proc.returncode == -9 else ""
     raise RuntimeError(
-      f"{os.path.basename(script)} {' '.join(map(str, argv))} failed, exit "
+      f"{module} {' '.join(map(str, argv))} failed, exit "
       f"{proc.returncode}{why}:\n{proc.stderr[-3000:]}"
     )
   return json.loads(proc.stdout.strip().splitlines()[-1])

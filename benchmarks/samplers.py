@@ -1,11 +1,11 @@
 """Decode samplers against the converged decode: dB and time per S.
 
-  python benchmarks/samplers.py /tmp/cdc_tiny/model        # or a workdir
-  python benchmarks/samplers.py MODEL --photos chelsea,rocket,camera \
+  python -m benchmarks.samplers /tmp/cdc_tiny/model        # or a workdir
+  python -m benchmarks.samplers MODEL --photos chelsea,rocket,camera \
       --size 256x256 --steps 2,4,8,16,32,65 --ref-steps 1000 \
       --samplers ddim,dpmpp2m --out /tmp/samplers
   # the solver's grid, measured: one line per grid
-  python benchmarks/samplers.py MODEL --solver-grids logsnr,quadratic,time
+  python -m benchmarks.samplers MODEL --solver-grids logsnr,quadratic,time
 
 For a model directory (or training workdir), each photo (a centre crop of
 ``--size`` of an ``skimage.data`` photo; the defaults are not among the
@@ -39,16 +39,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cdc_jax import codec, samplers, testing  # noqa: E402
-from cdc_jax.codec import tiling  # noqa: E402
-from cdc_jax.eval import metrics  # noqa: E402
-from cdc_jax.eval.ms_ssim import min_side as ms_ssim_min_side  # noqa: E402
-from cdc_jax.sample import initial_noise  # noqa: E402
+from cdc_jax import codec, samplers, testing
+from cdc_jax.codec import tiling
+from cdc_jax.eval import metrics
+from cdc_jax.eval.ms_ssim import min_side as ms_ssim_min_side
+from cdc_jax.sample import initial_noise
 
 PHOTOS = "chelsea,rocket,camera"
 STEPS = "2,4,8,16,32,65"

@@ -1,6 +1,6 @@
 """The exact scale path's cost: file size and time against the float path.
 
-  python benchmarks/scale_index.py [--model DIR] [--photos a,b,c]
+  python -m benchmarks.scale_index [--model DIR] [--photos a,b,c]
 
 For each photo (padded to the model's factor): the file size when y's
 tables are chosen by the exact integer path (format v3) and by the
@@ -15,20 +15,17 @@ first photo (``cdc_jax.testing.entropy_codec``; no U-Net needed).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cdc_jax import codec, testing  # noqa: E402
-from cdc_jax.coding import container  # noqa: E402
-from cdc_jax.imageio import to_float  # noqa: E402
-from cdc_jax.models.cdc import CDC  # noqa: E402
+from cdc_jax import codec, testing
+from cdc_jax.coding import container
+from cdc_jax.imageio import to_float
+from cdc_jax.models.cdc import CDC
 
 PHOTOS = "motorcycle_left,motorcycle_right,coffee"
 

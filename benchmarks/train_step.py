@@ -1,10 +1,10 @@
 """Speed, memory and MFU of the jitted, data-parallel train step.
 
-  python benchmarks/train_step.py --config configs/eps_linear.py:tiny \
+  python -m benchmarks.train_step --config configs/eps_linear.py:tiny \
       --batch 2 --crop 64 --steps 20
-  python benchmarks/train_step.py --config configs/eps_linear.py --crop 256 \
+  python -m benchmarks.train_step --config configs/eps_linear.py --crop 256 \
       --batch 4,16 --dtype float32,bfloat16 --remat 0,1 --steps 3
-  python benchmarks/train_step.py --config configs/x_cosine.py --crop 256 \
+  python -m benchmarks.train_step --config configs/x_cosine.py --crop 256 \
       --batch 4 --steps 0            # compile only: FLOPs and memory plan
 
 Builds the state and the step as ``cdc_jax.train`` does (all local
@@ -45,18 +45,16 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cdc_jax import diffusion, sharding  # noqa: E402
-from cdc_jax.losses import schedule_arrays  # noqa: E402
-from cdc_jax.models.cdc import from_config  # noqa: E402
-from cdc_jax.optim import make_optimizer  # noqa: E402
-from cdc_jax.train_state import init_state  # noqa: E402
-from cdc_jax.train_step import train_step  # noqa: E402
-from configs import common  # noqa: E402
+from cdc_jax import diffusion, sharding
+from cdc_jax.losses import schedule_arrays
+from cdc_jax.models.cdc import from_config
+from cdc_jax.optim import make_optimizer
+from cdc_jax.train_state import init_state
+from cdc_jax.train_step import train_step
+from configs import common
 
 # Dense peak FLOP/s per device (vendor datasheets): (bf16, float32 as JAX
 # runs it by default: TF32 on NVIDIA Ampere and later, bf16 passes on TPU).
@@ -327,7 +325,7 @@ def main(argv=None) -> int:
     return 0
   rows = []
   for b, dt, rm in combos:
-    cmd = [sys.executable, os.path.abspath(__file__), "--json"]
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--json"]
     cmd += ["--config", args.config, "--batch", str(b), "--dtype", dt]
     cmd += ["--remat", str(int(rm)), "--steps", str(args.steps)]
     if args.crop:

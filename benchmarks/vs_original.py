@@ -1,8 +1,8 @@
 """Speed of the original PyTorch CDC beside cdc_jax, same machine, one run.
 
-  python benchmarks/vs_original.py                      # eps and x, 768x512
-  python benchmarks/vs_original.py --families x --size 256x256 --no-train
-  CDC_REF=/path/to/CDC_compression python benchmarks/vs_original.py \
+  python -m benchmarks.vs_original                      # eps and x, 768x512
+  python -m benchmarks.vs_original --families x --size 256x256 --no-train
+  CDC_REF=/path/to/CDC_compression python -m benchmarks.vs_original \
       --solver-steps eps=16,x=16 --out /tmp/vs_original.json
 
 Both released architectures (random weights: speed does not depend on
@@ -26,8 +26,8 @@ cdc_jax runs in float32 and in bfloat16 (``models.cdc.with_dtype``).
 
 Train step: batch ``--train-batch`` of ``--train-crop`` crops: the
 original's forward, its two backward passes (as its trainer) and an Adam
-step; ours ``benchmarks/train_step.py --json`` (the jitted step of the
-main job), float32. Median over ``--train-steps`` after a warm-up.
+step; ours ``python -m benchmarks.train_step --json`` (the jitted step of
+the main job), float32. Median over ``--train-steps`` after a warm-up.
 
 Prints a table (seconds and the ratio original / cdc_jax) and writes
 ``--out`` (JSON).
@@ -197,7 +197,7 @@ def ours(family: str, dtype: str, args) -> dict:
 
 
 def ours_train_step(family: str, args) -> float:
-  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py")]
+  cmd = [sys.executable, "-m", "benchmarks.train_step"]
   cmd += ["--json", "--config", CONFIG[family], "--dtype", "float32"]
   cmd += ["--batch", str(args.train_batch), "--crop", str(args.train_crop)]
   cmd += ["--steps", str(args.train_steps)]
@@ -213,7 +213,7 @@ def ours_train_step(family: str, args) -> float:
 def child(what: str, family: str, dtype: str, argv, ref: str) -> dict:
   """Runs one measurement in a fresh process; its JSON line."""
   env = dict(os.environ, TQDM_DISABLE="1")
-  cmd = [sys.executable, os.path.abspath(__file__), *argv]
+  cmd = [sys.executable, "-m", "benchmarks.vs_original", *argv]
   cmd += ["--child", what, family, dtype]
   cwd = ROOT
   with tempfile.TemporaryDirectory() as tmp:
@@ -221,8 +221,11 @@ def child(what: str, family: str, dtype: str, argv, ref: str) -> dict:
       os.makedirs(os.path.join(tmp, "lpips"))
       with open(os.path.join(tmp, "lpips", "__init__.py"), "w") as f:
         f.write(STUB_LPIPS)
+      # The original imports its own tree by its own names (``modules``,
+      # ``config``): its folder is the working directory and comes first,
+      # after the lpips stub; this repository (for ``-m``) comes last.
       cwd = os.path.join(ref, FOLDER[family])
-      paths = [tmp, cwd, os.path.join(ROOT, "tests")]
+      paths = [tmp, cwd, os.path.join(ROOT, "tests"), ROOT]
       env["PYTHONPATH"] = os.pathsep.join(paths)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
   if res.returncode:
@@ -264,7 +267,6 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.child:
     what, family, dtype = args.child
-    sys.path.insert(0, ROOT)
     r = (
       original(family, args)
       if what == "original"

@@ -1,16 +1,16 @@
 """Test setup: 8 fake CPU devices, fast compiles, a shared compile cache
-(for the test process and the CLI subprocesses it starts).
+(for the test process and the CLI subprocesses it starts), and the tiny
+model directories the test modules share.
 
 XLA_FLAGS must be set before jax is imported anywhere, hence here.
 """
 
+import hashlib
 import os
-import sys
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
@@ -32,15 +32,52 @@ import pytest  # noqa: E402
 # -- shared fixtures -----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-  """A tiny eps model directory (random weights, calibrated entropy
-  model), one per test module."""
+def _digest(directory: str) -> dict[str, str]:
+  """{relative path: SHA-256} of every file under ``directory``."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+      out[os.path.relpath(path, directory)] = digest
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+  """``tiny_models(family)``: the path of a tiny ``family`` ("eps", "x")
+  model directory (random weights, entropy model calibrated on the
+  default photo of ``testing.export_tiny``), built on first use, once per
+  test process. Shared and read-only: a test that changes a model
+  directory copies it first (``shutil.copytree`` into its ``tmp_path``);
+  the session's end checks that none changed."""
   from cdc_jax import testing
 
-  path = str(tmp_path_factory.mktemp("models") / "eps")
-  testing.export_tiny(path, "eps")
-  return path
+  built = {}
+
+  def get(family: str) -> str:
+    if family not in built:
+      path = str(tmp_path_factory.mktemp("tiny_models") / family)
+      testing.export_tiny(path, family)
+      built[family] = (path, _digest(path))
+    return built[family][0]
+
+  yield get
+  changed = [p for p, digest in built.values() if _digest(p) != digest]
+  assert not changed, f"tests changed the shared tiny models {changed}"
+
+
+@pytest.fixture(scope="session")
+def model_path(tiny_models):
+  """The tiny eps model directory (``tiny_models("eps")``)."""
+  return tiny_models("eps")
+
+
+@pytest.fixture(scope="session")
+def x_model_path(tiny_models):
+  """The tiny x model directory (``tiny_models("x")``)."""
+  return tiny_models("x")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Decodes files' symbols in a fresh process, for tests/test_portable_decode.
 
-  python tests/decode_symbols.py MODEL_DIR FILE... > results.json
+  PYTHONPATH=. python tests/decode_symbols.py MODEL_DIR FILE... > results.json
 
 Prints, per file, the SHA-256 of the decoded z and y symbols, of the y
 tables' indexes, and of the float32 sigma of h_s (which is allowed to
@@ -15,12 +15,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax.numpy as jnp
+import numpy as np
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cdc_jax import codec  # noqa: E402
+from cdc_jax import codec
 
 
 def digest(*arrays) -> str:

@@ -348,6 +348,7 @@ def _real_lpips():
   stub = sys.modules.pop("lpips")
   stub_root = os.path.dirname(os.path.dirname(os.path.abspath(stub.__file__)))
   saved = list(sys.path)
+  # The stub's folder is on sys.path ahead of site-packages: drop it here.
   sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != stub_root]
   try:
     real = importlib.import_module("lpips")

@@ -30,28 +30,20 @@ from cdc_jax.models.cdc import CDC
 STEPS = 2
 
 
-def _load_tiny(tmp_path_factory, family):
-  path = str(tmp_path_factory.mktemp("models") / family)
-  testing.export_tiny(path, family)
-  return codec.load(path)
+@pytest.fixture(scope="module")
+def eps_cm(cm):
+  return cm
 
 
 @pytest.fixture(scope="module")
-def eps_cm(tmp_path_factory):
-  return _load_tiny(tmp_path_factory, "eps")
+def x_cm(x_model_path):
+  return codec.load(x_model_path)
 
 
-@pytest.fixture(scope="module")
-def x_cm(tmp_path_factory):
-  return _load_tiny(tmp_path_factory, "x")
-
-
-def test_loading_a_model_compiles_nothing(tmp_path):
+def test_loading_a_model_compiles_nothing(model_path):
   """The params go to the device in one transfer: no program per shape."""
-  path = str(tmp_path / "eps")
-  testing.export_tiny(path, "eps")
   with testing.recorded_events(testing.COMPILED) as compiled:
-    cm = codec.load(path)
+    cm = codec.load(model_path)
     jax.block_until_ready(cm.params)
   assert compiled == []
   assert all(isinstance(p, jax.Array) for p in jax.tree.leaves(cm.params))

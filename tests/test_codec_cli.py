@@ -293,13 +293,6 @@ def test_cli_rejects_unwritable_output(where, model_dirs, tmp_path, capsys):
 # -- full size -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def x_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("models") / "x")
-  testing.export_tiny(path, "x")
-  return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["eps", "x"])
 def test_cli_round_trip_full_size(family, request, tmp_path, capsys):
@@ -307,7 +300,7 @@ def test_cli_round_trip_full_size(family, request, tmp_path, capsys):
   if family == "eps":
     model = request.getfixturevalue("model_dirs")["eps"]
   else:
-    model = request.getfixturevalue("x_dir")
+    model = request.getfixturevalue("x_model_path")
   h, w = 256, 384
   src = _save_photo(tmp_path / "in.png", h, w, 100, 50)
   cdcj, png = tmp_path / "in.cdcj", tmp_path / "out.png"

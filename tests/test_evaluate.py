@@ -25,14 +25,7 @@ from cdc_jax.models import lpips as lp
 from configs import eps_linear
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("m") / "eps")
-  testing.export_tiny(path, "eps")
-  return path
-
-
-def test_evaluate_writes_the_report(model, tmp_path, capsys):
+def test_evaluate_writes_the_report(model_path, tmp_path, capsys):
   data = tmp_path / "photos"
   data.mkdir()
   for i, name in enumerate(("astronaut", "coffee")):
@@ -42,7 +35,7 @@ def test_evaluate_writes_the_report(model, tmp_path, capsys):
   rc = evaluate.main(
     [
       "--model",
-      f"tiny={model}",
+      f"tiny={model_path}",
       "--data",
       str(data),
       "--out",
@@ -83,9 +76,10 @@ def test_evaluate_writes_the_report(model, tmp_path, capsys):
   assert grid.shape == (176, 4 * 192 + 3 * 4, 3)  # original|CDC|jpeg|webp
 
 
-def test_evaluate_user_errors_are_one_line(model, tmp_path, capsys):
+def test_evaluate_user_errors_are_one_line(model_path, tmp_path, capsys):
   rc = evaluate.main(
-    ["--model", model, "--dataset", "kodak", "--data", str(tmp_path / "no")]
+    ["--model", model_path, "--dataset", "kodak"]
+    + ["--data", str(tmp_path / "no")]
     + ["--out", str(tmp_path / "o")]
   )
   assert rc == 2
@@ -126,11 +120,12 @@ def _one_photo(tmp_path, size):
   return data, img
 
 
-def test_evaluate_lpips_column(model, lpips_alex, tmp_path, capsys):
+def test_evaluate_lpips_column(model_path, lpips_alex, tmp_path, capsys):
   path, params = lpips_alex
   data, img = _one_photo(tmp_path, (64, 96))
   out = tmp_path / "report"
-  argv = ["--model", f"tiny={model}", "--data", str(data), "--out", str(out)]
+  argv = ["--model", f"tiny={model_path}", "--data", str(data)]
+  argv += ["--out", str(out)]
   argv += ["--steps", "1", "--baselines", "jpeg", "--no-progress"]
   argv += ["--lpips-weights", path, "--save-reconstructions"]
   assert evaluate.main(argv) == 0
@@ -156,8 +151,9 @@ def test_evaluate_lpips_column(model, lpips_alex, tmp_path, capsys):
   assert os.path.isfile(out / "rd_lpips.png")
 
 
-def test_evaluate_bad_lpips_weights(model, tmp_path, capsys):
-  base = ["--model", model, "--dataset", "held_out", "--out", str(tmp_path)]
+def test_evaluate_bad_lpips_weights(model_path, tmp_path, capsys):
+  base = ["--model", model_path, "--dataset", "held_out"]
+  base += ["--out", str(tmp_path)]
   missing = str(tmp_path / "none.npz")
   assert evaluate.main(base + ["--lpips-weights", missing]) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -179,27 +175,27 @@ def _job_config(lpips_weights: str, inception_weights: str = ""):
   return c
 
 
-def test_eval_job_rejects_bad_lpips_weights(model, tmp_path):
+def test_eval_job_rejects_bad_lpips_weights(model_path, tmp_path):
   missing = str(tmp_path / "none.npz")
   with pytest.raises(conv_lpips.LPIPSWeightsError, match="none.npz"):
-    jobs.eval_job(_job_config(missing), model)
-  assert not os.path.exists(os.path.join(model, "eval"))  # failed first
+    jobs.eval_job(_job_config(missing), model_path)
+  assert not os.path.exists(os.path.join(model_path, "eval"))  # failed first
 
 
 @pytest.mark.slow
-def test_eval_job_measures_lpips(model, lpips_alex, tmp_path):
+def test_eval_job_measures_lpips(model_path, lpips_alex, tmp_path):
   work = str(tmp_path / "m")
-  shutil.copytree(model, work)
+  shutil.copytree(model_path, work)
   result = jobs.eval_job(_job_config(lpips_alex[0]), work)
   assert result["rows"] and all(r["lpips"] >= 0 for r in result["rows"])
   assert os.path.isfile(os.path.join(work, "eval", "rd_lpips.png"))
 
 
-def test_eval_job_rejects_bad_inception_weights(model, tmp_path):
+def test_eval_job_rejects_bad_inception_weights(model_path, tmp_path):
   missing = str(tmp_path / "pt_inception.pth")
   with pytest.raises(F.InceptionWeightsError, match="pt_inception.pth"):
-    jobs.eval_job(_job_config("", missing), model)
-  assert not os.path.exists(os.path.join(model, "eval"))  # failed first
+    jobs.eval_job(_job_config("", missing), model_path)
+  assert not os.path.exists(os.path.join(model_path, "eval"))  # failed first
 
 
 # --- FID / KID ---------------------------------------------------------------
@@ -242,7 +238,7 @@ def test_patch_features_fill_batches_across_keys():
     runner.PatchFeatures(ex, batch=0)
 
 
-def test_evaluate_fid_kid_per_setting(model, tmp_path):
+def test_evaluate_fid_kid_per_setting(model_path, tmp_path):
   """FID/KID per CDC setting and per baseline quality, each equal to
   eval.fid on features of the reconstructions computed directly."""
   imgs = [testing.photo(n, (64, 96), 40, 60) for n in ("astronaut", "coffee")]
@@ -262,7 +258,7 @@ def test_evaluate_fid_kid_per_setting(model, tmp_path):
   refs.write_text("system,bpp,psnr,fid\nHiFiC,0.18,27.56,\nX,0.3,,20.5\n")
   opts.references = str(refs)
   images = [("a.png", imgs[0]), ("b.png", imgs[1])]
-  models = {"tiny": codec.load(model)}
+  models = {"tiny": codec.load(model_path)}
   result = pipeline.evaluate(models, images, str(out), opts, extractor=ex)
   assert {s[0] for s in ex.shapes} == {5}  # full batches only
   feats = result["fid_features"]
@@ -335,8 +331,9 @@ def test_fid_is_nan_below_two_patches(tmp_path):
   assert not os.path.exists(tmp_path / "n" / "rd_fid.png")  # nothing to draw
 
 
-def test_evaluate_bad_fid_options_are_one_line(model, tmp_path, capsys):
-  base = ["--model", model, "--dataset", "held_out", "--out", str(tmp_path)]
+def test_evaluate_bad_fid_options_are_one_line(model_path, tmp_path, capsys):
+  base = ["--model", model_path, "--dataset", "held_out"]
+  base += ["--out", str(tmp_path)]
   missing = str(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
   junk = tmp_path / "junk.npz"
   junk.write_text("not weights")
@@ -354,14 +351,15 @@ def test_evaluate_bad_fid_options_are_one_line(model, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "per_image.json")  # failed first
 
 
-def test_evaluate_samplers_each_their_own_files(model, tmp_path, capsys):
+def test_evaluate_samplers_each_their_own_files(model_path, tmp_path, capsys):
   """--samplers ddim,dpmpp2m: one real file per sampler, each recording
   its sampler (the decode of a file is the decode of its bytes), named
   apart in the rows and the reconstructions; an unknown sampler is one
   line before any work."""
   data, img = _one_photo(tmp_path, (64, 64))
   out = tmp_path / "report"
-  argv = ["--model", f"tiny={model}", "--data", str(data), "--out", str(out)]
+  argv = ["--model", f"tiny={model_path}", "--data", str(data)]
+  argv += ["--out", str(out)]
   argv += ["--steps", "3", "--baselines", "jpeg", "--no-progress"]
   argv += ["--samplers", "ddim,dpmpp2m", "--save-reconstructions"]
   assert evaluate.main(argv) == 0
@@ -370,7 +368,7 @@ def test_evaluate_samplers_each_their_own_files(model, tmp_path, capsys):
     rows = json.load(f)
   cdc = {r["codec"]: r for r in rows if r["codec"].startswith("cdc")}
   assert set(cdc) == {"cdc S=3 gamma=0.8", "cdc dpmpp2m S=3 gamma=0.8"}
-  cm = codec.load(model)
+  cm = codec.load(model_path)
   for name, sampler in (("cdc", "ddim"), ("cdc dpmpp2m", "dpmpp2m")):
     r = cdc[f"{name} S=3 gamma=0.8"]
     res = codec.compress_image(cm, img, steps=3, sampler=sampler)
@@ -379,7 +377,8 @@ def test_evaluate_samplers_each_their_own_files(model, tmp_path, capsys):
     np.testing.assert_array_equal(load_image(r["reconstruction"]), want)
   a, b = (load_image(r["reconstruction"]) for r in cdc.values())
   assert not np.array_equal(a, b)  # two samplers, two decodes
-  bad = ["--model", model, "--data", str(data), "--out", str(tmp_path / "o2")]
+  bad = ["--model", model_path, "--data", str(data)]
+  bad += ["--out", str(tmp_path / "o2")]
   assert evaluate.main(bad + ["--samplers", "ddim,heun", "--no-progress"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "unknown sampler 'heun'" in err[0], err

@@ -25,13 +25,6 @@ from configs import eps_linear
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("m") / "eps")
-  testing.export_tiny(path, "eps")
-  return path
-
-
-@pytest.fixture(scope="module")
 def inception_npz(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("inception") / "inception.npz")
   ci.save_variables(path, ci.variables_from_state_dict(_random_state()))
@@ -39,7 +32,9 @@ def inception_npz(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cli_fid_kid_with_inception(model, inception_npz, tmp_path, capsys):
+def test_cli_fid_kid_with_inception(
+  model_path, inception_npz, tmp_path, capsys
+):
   # 256x384: one 256-px tile an image (no shifted pass under 384 px).
   imgs = [
     testing.photo("astronaut", (256, 384), 100, 60),
@@ -50,7 +45,8 @@ def test_cli_fid_kid_with_inception(model, inception_npz, tmp_path, capsys):
   for i, img in enumerate(imgs):
     Image.fromarray(img).save(data / f"{i}.png")
   out = tmp_path / "report"
-  argv = ["--model", f"tiny={model}", "--data", str(data), "--out", str(out)]
+  argv = ["--model", f"tiny={model_path}", "--data", str(data)]
+  argv += ["--out", str(out)]
   argv += ["--steps", "1", "--baselines", "jpeg", "--qualities", "50"]
   argv += ["--inception-weights", inception_npz, "--fid-batch", "2"]
   argv += ["--no-progress", "--save-reconstructions"]
@@ -91,10 +87,10 @@ def test_cli_fid_kid_with_inception(model, inception_npz, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_job_fid_on_the_held_out_photo(
-  model, inception_npz, tmp_path, capsys
+  model_path, inception_npz, tmp_path, capsys
 ):
   work = str(tmp_path / "m")
-  shutil.copytree(model, work)
+  shutil.copytree(model_path, work)
   c = eps_linear.get_config("tiny")
   c.eval.steps = 1
   c.log.progress = False

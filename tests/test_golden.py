@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Measured between XLA:CPU settings (default, 8 host devices, backend
 # optimisation level 0, max ISA SSE4.2 and AVX2, bfloat16 default matmul
 # precision) on these files: at most 1 level, on at most 0.55 % of the
@@ -32,9 +32,9 @@ MAX_PIXELS_DIFFERING = 0.02
 
 def test_golden_files_decode_as_the_contract_says(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   report = tmp_path / "golden.json"
-  script = os.path.join(HERE, "golden", "make_golden.py")
+  script = os.path.join(ROOT, "tests", "golden", "make_golden.py")
   proc = subprocess.run(
     [sys.executable, script, "--check", "--report", str(report)],
     env=env,

@@ -25,13 +25,6 @@ from cdc_jax.coding import container
 MISSING_MODEL = "/nonexistent/model"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("m") / "eps")
-  testing.export_tiny(path, "eps")
-  return path
-
-
 # Importing the codec with JAX takes about 0.6 GB of address space; a
 # regression that decodes or reads what it should refuse (0.5 GB and
 # more) runs out of the rest.
@@ -61,14 +54,14 @@ def _png_header_only(path, width: int, height: int) -> None:
 # -- model directories ---------------------------------------------------------
 
 
-def test_huge_timesteps_are_refused_before_the_schedule(tiny, tmp_path):
+def test_huge_timesteps_are_refused_before_the_schedule(model_path, tmp_path):
   path = str(tmp_path / "m")
-  shutil.copytree(tiny, path)
+  shutil.copytree(model_path, path)
   meta_path = os.path.join(path, model_dir.MODEL_JSON)
   with open(meta_path) as f:
     meta = json.load(f)
   meta["diffusion"]["timesteps"] = 10**9
-  params = model_dir.load(tiny).params  # the fingerprint, recomputed
+  params = model_dir.load(model_path).params  # the fingerprint, recomputed
   meta["fingerprint"] = model_dir.fingerprint(
     meta["model"], meta["diffusion"], params
   )
@@ -108,10 +101,10 @@ def _a_param(path: str) -> str:
 
 
 def test_a_member_declaring_terabytes_is_refused_from_its_header(
-  tiny, tmp_path
+  model_path, tmp_path
 ):
   path = str(tmp_path / "m")
-  shutil.copytree(tiny, path)
+  shutil.copytree(model_path, path)
   name = _a_param(path)
   params = os.path.join(path, model_dir.PARAMS)
   _replace_member(
@@ -130,9 +123,9 @@ def test_a_member_declaring_terabytes_is_refused_from_its_header(
   assert "Traceback" not in out, out
 
 
-def test_a_compressed_gigabyte_member_is_refused_unread(tiny, tmp_path):
+def test_a_compressed_gigabyte_member_is_refused_unread(model_path, tmp_path):
   path = str(tmp_path / "m")
-  shutil.copytree(tiny, path)
+  shutil.copytree(model_path, path)
   name = _a_param(path)
   n = (1 << 30) // 4  # 1 GiB of float32 zeros in a few MB of zip
 

@@ -15,21 +15,14 @@ import zipfile
 import numpy as np
 import pytest
 
-from cdc_jax import model_dir, testing
+from cdc_jax import model_dir
 from cdc_jax.codec import cli as codec_cli
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("m") / "eps")
-  testing.export_tiny(path, "eps")
-  return path
-
-
 @pytest.fixture
-def copy(tiny, tmp_path):
+def copy(model_path, tmp_path):
   path = str(tmp_path / "m")
-  shutil.copytree(tiny, path)
+  shutil.copytree(model_path, path)
   return path
 
 

@@ -33,7 +33,7 @@ from cdc_jax.imageio import to_float
 from cdc_jax.models.cdc import CDC, init_params, to_config
 from cdc_jax.models.context_model import SCALE_MIN
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (448, 640)  # padded coffee; one g_a compile for both photos
 # Relative perturbations of sigma, smallest first: float32 convolutions on
 # other backends differ by about this much.
@@ -151,10 +151,10 @@ def _decode_everywhere(model_path, files):
   out = {}
   for name, extra in SETTINGS.items():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", **extra)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
+    script = os.path.join(ROOT, "tests", "decode_symbols.py")
     proc = subprocess.run(
-      [sys.executable, os.path.join(HERE, "decode_symbols.py"), model_path]
-      + list(files),
+      [sys.executable, script, model_path, *files],
       env=env,
       capture_output=True,
       text=True,
@@ -177,11 +177,10 @@ def _check_settings(reports, expected):
       assert report[f]["indexes"] == indexes, (name, f)
 
 
-def test_symbols_are_identical_under_other_xla_settings(tmp_path):
+def test_symbols_are_identical_under_other_xla_settings(
+  cm, model_path, tmp_path
+):
   """The tiny calibrated model (the full one: the slow test below)."""
-  model_path = str(tmp_path / "eps")
-  testing.export_tiny(model_path, "eps")
-  cm = codec.load(model_path)
   expected, files = {}, []
   for i, name in enumerate(("coffee", "astronaut")):
     img = testing.photo(name, (192, 256))

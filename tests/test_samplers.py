@@ -388,8 +388,7 @@ SAMPLERS = ("dpmpp2m", "ddim")
 class _Case:
   """A tiny model's codec, one image's y_hat and x_T."""
 
-  def __init__(self, path, family):
-    testing.export_tiny(path, family)
+  def __init__(self, path):
     self.cm = codec.load(path)
     img = testing.photo("astronaut", SIZE, 100, 100)
     header, stream = codec.parse(self.cm, codec.compress(self.cm, img))
@@ -409,13 +408,13 @@ class _Case:
 
 
 @pytest.fixture(scope="module")
-def eps_case(tmp_path_factory):
-  return _Case(str(tmp_path_factory.mktemp("models") / "eps"), "eps")
+def eps_case(model_path):
+  return _Case(model_path)
 
 
 @pytest.fixture(scope="module")
-def x_case(tmp_path_factory):
-  return _Case(str(tmp_path_factory.mktemp("models") / "x"), "x")
+def x_case(x_model_path):
+  return _Case(x_model_path)
 
 
 def test_one_compile_per_shape_steps_and_sampler(eps_case):

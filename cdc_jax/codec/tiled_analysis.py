@@ -48,9 +48,9 @@ ANALYSIS_MARGIN = 4  # latent pixels around a core (g_a reaches 3)
 ANALYSIS_TILE = 1024  # the largest core side ``analysis_tile`` picks (px)
 
 # Peak RSS of g_a + h_a on CPU (float32, a fresh process, the model
-# loaded first; benchmarks/encode_tiled.py --memory) above the RSS after
-# loading, fitted over 256x256 and 512x512 as bytes per padded pixel + a
-# fixed part (the compile, mostly):
+# loaded first; python -m benchmarks.encode_tiled --memory) above the RSS
+# after loading, fitted over 256x256 and 512x512 as bytes per padded
+# pixel + a fixed part (the compile, mostly):
 #   model (g_a width)            bytes/pixel   fixed
 #   full eps (64)                1,578         73 MB
 #   cdc_jax.testing eps (4)        102         67 MB

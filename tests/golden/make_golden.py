@@ -1,6 +1,6 @@
 """Writes and checks the golden codec files of tests/test_golden.py.
 
-  python tests/golden/make_golden.py [--check] [--report FILE]
+  PYTHONPATH=. python tests/golden/make_golden.py [--check] [--report FILE]
 
 For each family, a tiny model is initialised from numpy draws with a
 fixed seed (so any checkout rebuilds the very same params, and the file's
@@ -30,19 +30,17 @@ import os
 import sys
 import tempfile
 
+import jax
+import numpy as np
+import skimage.data
+from PIL import Image
+
+from cdc_jax import codec, model_dir
+from cdc_jax.coding.range_coder import words_to_bytes
+from cdc_jax.models.cdc import from_config, init_params
+from cdc_jax.testing import DIFFUSIONS, TINY_MODELS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import skimage.data  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from cdc_jax import codec, model_dir  # noqa: E402
-from cdc_jax.coding.range_coder import words_to_bytes  # noqa: E402
-from cdc_jax.models.cdc import from_config, init_params  # noqa: E402
-from cdc_jax.testing import DIFFUSIONS, TINY_MODELS  # noqa: E402
-
 FAMILIES = {f: (TINY_MODELS[f], DIFFUSIONS[f]) for f in ("eps", "x")}
 STEPS, GAMMA, SEED = 3, 0.8, 12345
 CROP = (slice(40, 137), slice(100, 230))  # 97 x 130: padded on both sides
