@@ -11,12 +11,13 @@ convention)::
   def main(argv=None) -> int:
     ...
 
-Used by every entry point: ``python -m cdc_jax.convert`` and its
-``lpips_cli`` and ``inception_cli``, the codec CLI and the main job
-(``prog=None``: ``error: MESSAGE``), ``cdc_jax.evaluate``, and the absl
-flag parser (``config_flags_errors``). Nothing else is caught: any other
-exception is a bug and keeps its traceback. The message is the
-exception's text, which the raising code keeps to one line.
+Used by every entry point: ``python -m cdc_jax.convert`` (its
+``checkpoint``, ``lpips`` and ``inception`` commands), the codec CLI and
+the main job (``prog=None``: ``error: MESSAGE``), ``cdc_jax.evaluate``,
+and the absl flag parser (``config_flags_errors``). Nothing else is
+caught: any other exception is a bug and keeps its traceback. The
+message is the exception's text, which the raising code keeps to one
+line.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def _add_metric_flags(p: argparse.ArgumentParser) -> None:
     default="",
     metavar="FILE",
     help="LPIPS weights .npz (lpips_vgg.npz of a converted rho>0 "
-    "checkpoint, or python -m cdc_jax.convert.lpips_cli); adds LPIPS",
+    "checkpoint, or python -m cdc_jax.convert lpips); adds LPIPS",
   )
   p.add_argument(
     "--lpips-net",
@@ -122,8 +122,8 @@ def _add_metric_flags(p: argparse.ArgumentParser) -> None:
     metavar="FILE",
     help="FID InceptionV3 weights (torch-fidelity's weights-inception-"
     "2015-12-05-6726825d.pth, pytorch-fid's pt_inception-2015-12-05-"
-    "6726825d.pth, or its .npz from python -m cdc_jax.convert."
-    "inception_cli); adds FID and KID per setting",
+    "6726825d.pth, or its .npz from python -m cdc_jax.convert "
+    "inception); adds FID and KID per setting",
   )
   p.add_argument(
     "--kid-subset-size",

@@ -53,7 +53,7 @@ def loss_fn(
   inject the original's draws.
 
   ``rho`` (a Python number) weighs the LPIPS-VGG term; it needs
-  ``lpips_params`` (``cdc_jax.convert.lpips.load_params``). Its dropout is
+  ``lpips_params`` (``cdc_jax.models.lpips.load``). Its dropout is
   drawn from ``dropout_rng`` or taken from ``dropout_masks`` (5 keep-masks
   [B, h, w, C], see ``models.lpips.LPIPS``); with neither it is off. The
   metrics then carry ``aux_loss``, the batch mean LPIPS.

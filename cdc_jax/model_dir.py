@@ -208,7 +208,7 @@ def load(path: str, verify: bool = True) -> LoadedModel:
     f"{path}: neither a model directory ({MODEL_JSON}) nor a training "
     f"workdir ({WORKDIR_CONFIG} + checkpoints/); export one with "
     "`python -m cdc_jax.main --mode=export` or convert released weights "
-    "with `python -m cdc_jax.convert`"
+    "with `python -m cdc_jax.convert checkpoint`"
   )
 
 

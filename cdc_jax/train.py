@@ -39,11 +39,10 @@ from cdc_jax import (
   preemption,
   sharding,
 )
-from cdc_jax.convert.lpips import LPIPSWeightsError
-from cdc_jax.convert.lpips import load_params as load_lpips
 from cdc_jax.data.pipeline import BatchIterator, make_loader
 from cdc_jax.eval import held_out
 from cdc_jax.imageio import write_atomic
+from cdc_jax.models import lpips
 from cdc_jax.models.cdc import CDC, from_config, to_config
 from cdc_jax.optim import make_optimizer
 from cdc_jax.sample import Sampler
@@ -199,22 +198,17 @@ class _Evaluator:
     return {f"eval_{k}": v for k, v in means.items()}
 
 
-def _make_evaluator(config, model: CDC) -> _Evaluator:
+def _make_evaluator(config, model: CDC, lpips_params=None) -> _Evaluator:
   """The held-out set of ``config.eval`` (``data``: "" for the embedded
   held-out photo, else a folder, its first ``max_images``), center-cropped
-  to one side <= ``size``; LPIPS too when ``diffusion.lpips_weights``."""
+  to one side <= ``size``; LPIPS too with ``lpips_params``
+  (``_load_lpips``)."""
   dc, ec = config.diffusion, config.eval
   schedule = diffusion.make_schedule(dc.schedule, dc.timesteps)
   images = held_out.eval_images(ec.data, ec.max_images)
   crops = held_out.crop_set(
     [img for _, img in images], ec.size, model.downsampling_factor
   )
-  lpips_params = None
-  if dc.lpips_weights:
-    try:
-      lpips_params = load_lpips(dc.lpips_weights)
-    except LPIPSWeightsError as e:
-      raise TrainingError(f"--config.diffusion.lpips_weights: {e}") from None
   logger.info(
     "evaluating every %d steps on %d held-out crop(s) of %dx%d",
     ec.every,
@@ -318,12 +312,15 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
 
 
 def _load_lpips(config):
-  """The frozen LPIPS-VGG params of the rho > 0 term (None for rho = 0)."""
-  if not config.diffusion.aux_weight:
+  """The frozen LPIPS params of ``diffusion.lpips_weights`` (None when
+  unset), read once for the rho > 0 loss term and the held-out
+  evaluation; LPIPS-VGG when rho > 0, any trunk otherwise."""
+  dc = config.diffusion
+  if not dc.lpips_weights:
     return None
   try:
-    return load_lpips(config.diffusion.lpips_weights, "vgg")
-  except LPIPSWeightsError as e:
+    return lpips.load(dc.lpips_weights, "vgg" if dc.aux_weight else None)
+  except lpips.LPIPSWeightsError as e:
     raise TrainingError(f"--config.diffusion.lpips_weights: {e}") from None
 
 
@@ -352,14 +349,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state, origin = initial_state(config, model, tx, manager, mesh)
   state_sharding = sharding.replicated(mesh, state)
   _save_run_config(config, workdir)
+  lpips_params = _load_lpips(config)
   step_fn, batch_sharding = make_train_step(
-    config, model, tx, mesh, state_sharding, _load_lpips(config)
+    config, model, tx, mesh, state_sharding, lpips_params
   )
   loader.step = start = int(state.step)  # before the first batch
   logger.info(
     "training from %s, step %d of %d", origin, start, config.train.num_steps
   )
-  evaluate = _make_evaluator(config, model)
+  evaluate = _make_evaluator(config, model, lpips_params)
   watch = preemption.Watch(manager)
   run = _Run(
     config, workdir, step_fn, batch_sharding, loader, manager, evaluate, watch

@@ -74,9 +74,9 @@ def _check_lpips(dc) -> None:
     raise TrainingError(
       f"diffusion.aux_weight (rho) = {rho} > 0 needs LPIPS-VGG weights, but "
       f"--config.diffusion.lpips_weights {what}; pass the lpips_vgg.npz that "
-      "`python -m cdc_jax.convert` writes beside a converted rho > 0 "
-      "checkpoint, or write one with `python -m cdc_jax.convert.lpips_cli "
-      "OUT.npz --backbone vgg16-397923af.pth` (torchvision's VGG16, "
+      "`python -m cdc_jax.convert checkpoint` writes beside a converted "
+      "rho > 0 checkpoint, or write one with `python -m cdc_jax.convert "
+      "lpips OUT.npz --backbone vgg16-397923af.pth` (torchvision's VGG16, "
       "downloaded by you); or set --config.diffusion.aux_weight=0"
     )
 

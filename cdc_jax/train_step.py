@@ -113,7 +113,7 @@ def make_train_step(config, model, tx, mesh, state_sharding, lpips_params=None):
   """The jitted, data-parallel ``step(state, batch)`` and the batch's
   sharding.
 
-  ``lpips_params`` (LPIPS-VGG, ``cdc_jax.convert.lpips.load_params``) are
+  ``lpips_params`` (LPIPS-VGG, ``cdc_jax.models.lpips.load``) are
   needed when ``config.diffusion.aux_weight`` > 0 and ignored otherwise;
   they are put on the mesh once, replicated, and passed to the jitted
   step as an argument (not baked into the program as constants).
@@ -124,7 +124,7 @@ def make_train_step(config, model, tx, mesh, state_sharding, lpips_params=None):
   elif lpips_params is None:
     raise ValueError(
       "make_train_step: diffusion.aux_weight > 0 needs lpips_params "
-      "(cdc_jax.convert.lpips.load_params)"
+      "(cdc_jax.models.lpips.load)"
     )
   sched = diffusion.make_schedule(dc.schedule, dc.timesteps)
   step = functools.partial(

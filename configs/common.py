@@ -80,8 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
       # diffusion + rho * LPIPS (the released perceptual models: 0.9).
       aux_weight=0.0,
       # rho > 0: LPIPS-VGG weights, an .npz (lpips_vgg.npz that
-      # `python -m cdc_jax.convert` writes beside a converted rho > 0
-      # checkpoint, or `python -m cdc_jax.convert.lpips_cli`).
+      # `python -m cdc_jax.convert checkpoint` writes beside a converted
+      # rho > 0 checkpoint, or `python -m cdc_jax.convert lpips`).
       lpips_weights="",
       # LPIPS dropout (p = 0.5) on during training, as the original;
       # False: a deterministic perceptual term.
@@ -164,7 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
       data="",  # "": the embedded held-out photo; else an image folder
       max_images=4,  # the folder's first images (sorted by path)
       # FID InceptionV3 weights (.npz or .pth) for --mode=eval's FID/KID;
-      # "": off. See python -m cdc_jax.convert.inception_cli.
+      # "": off. See python -m cdc_jax.convert inception.
       inception_weights="",
     )
   )

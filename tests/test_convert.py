@@ -351,13 +351,31 @@ def test_cli_help(capsys):
   assert e.value.code == 0
   out = capsys.readouterr().out
   assert out.startswith("usage: python -m cdc_jax.convert ")
-  for word in ("checkpoint", "output_dir", "--family", "--ema", "--no-ema"):
+  for word in ("checkpoint", "lpips", "inception"):
     assert word in out
+  with pytest.raises(SystemExit) as e:
+    cli.main(["checkpoint", "--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: python -m cdc_jax.convert checkpoint ")
+  for word in ("output_dir", "--family", "--ema", "--no-ema", "--overwrite"):
+    assert word in out
+  for command, word in (("lpips", "--backbone"), ("inception", "source")):
+    with pytest.raises(SystemExit) as e:
+      cli.main([command, "--help"])
+    assert e.value.code == 0 and word in capsys.readouterr().out
+
+
+def test_cli_needs_a_command(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main([])
+  assert e.value.code == 2
+  assert capsys.readouterr().err.startswith("usage: python -m cdc_jax.convert")
 
 
 def test_cli_without_torch(tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
-  status = cli.main([str(tmp_path / "a.pt"), str(tmp_path / "o")])
+  status = cli.main(["checkpoint", str(tmp_path / "a.pt"), str(tmp_path / "o")])
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1
   assert "pip install -r requirements-torch.txt" in err[0]
@@ -371,10 +389,10 @@ def test_python_m_cdc_jax_convert(tmp_path):
     kw = dict(cwd=ROOT, capture_output=True, text=True, timeout=300)
     return subprocess.run(cmd, **kw)
 
-  done = run("--help")
+  done = run("checkpoint", "--help")
   assert done.returncode == 0, done.stderr
   assert "--no-ema" in done.stdout
-  done = run(str(tmp_path / "nope.pt"), str(tmp_path / "o"))
+  done = run("checkpoint", str(tmp_path / "nope.pt"), str(tmp_path / "o"))
   err = done.stderr.strip().splitlines()
   assert done.returncode == 2 and len(err) == 1, done.stderr
   assert err[0].startswith("python -m cdc_jax.convert: error: ")
@@ -411,7 +429,8 @@ def test_cli_round_trip_with_torch(family, tmp_path, capsys):
     ckpt["ema"].update({f"online_model.{k}": v for k, v in lp.items()})
   path, out = tmp_path / "ckpt.pt", tmp_path / "model"
   torch.save(_to_torch(ckpt), path)
-  assert cli.main([str(path), str(out), "--family", family]) == 0
+  argv = ["checkpoint", str(path), str(out), "--family", family]
+  assert cli.main(argv) == 0
   printed = capsys.readouterr().out
   assert f"family {family}" in printed
   loaded = model_dir.load(str(out))
@@ -434,7 +453,7 @@ def test_cli_not_a_checkpoint_file(content, tmp_path, capsys):
     path.write_bytes(b"this is not a checkpoint")
   else:
     torch.save({"model": NotWeights()}, path)
-  status = cli.main([str(path), str(tmp_path / "out")])
+  status = cli.main(["checkpoint", str(path), str(tmp_path / "out")])
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1
   assert "not a PyTorch checkpoint readable with weights_only=True" in err[0]
@@ -447,8 +466,8 @@ def test_cli_not_a_checkpoint_file(content, tmp_path, capsys):
 
 def test_cli_missing_file(tmp_path, capsys):
   pytest.importorskip("torch")
-  status = cli.main([str(tmp_path / "nope.pt"), str(tmp_path / "o")])
-  assert status == 2
+  argv = ["checkpoint", str(tmp_path / "nope.pt"), str(tmp_path / "o")]
+  assert cli.main(argv) == 2
   assert "not found" in capsys.readouterr().err
 
 

@@ -107,7 +107,7 @@ def lpips_alex(tmp_path_factory):
     params[f"lin_{i}"] = {"kernel": jax.numpy.abs(params[f"lin_{i}"]["kernel"])}
   path = str(tmp_path_factory.mktemp("lpips") / "alex.npz")
   conv_lpips.save_params(path, params)
-  return path, conv_lpips.load_params(path)
+  return path, lp.load(path)
 
 
 def _one_photo(tmp_path, size):
@@ -177,7 +177,7 @@ def _job_config(lpips_weights: str, inception_weights: str = ""):
 
 def test_eval_job_rejects_bad_lpips_weights(model_path, tmp_path):
   missing = str(tmp_path / "none.npz")
-  with pytest.raises(conv_lpips.LPIPSWeightsError, match="none.npz"):
+  with pytest.raises(lp.LPIPSWeightsError, match="none.npz"):
     jobs.eval_job(_job_config(missing), model_path)
   assert not os.path.exists(os.path.join(model_path, "eval"))  # failed first
 

@@ -44,7 +44,7 @@ def lpips_alex(tmp_path_factory):
     params[f"lin_{i}"] = {"kernel": jnp.abs(params[f"lin_{i}"]["kernel"])}
   path = str(tmp_path_factory.mktemp("lpips") / "alex.npz")
   conv_lpips.save_params(path, params)
-  return path, conv_lpips.load_params(path)
+  return path, lp.load(path)
 
 
 def test_eval_images_default_and_folder(tmp_path):
@@ -132,7 +132,7 @@ def test_evaluator_from_config(tmp_path, lpips_alex):
   data = _folder(tmp_path / "held", [(80, 96), (72, 90), (90, 90)])
   c = _config(data, lpips_alex[0])
   model = from_config(c.model)
-  measure = train._make_evaluator(c, model).measure
+  measure = train._make_evaluator(c, model, train._load_lpips(c)).measure
   assert measure.crops.shape == (2, 64, 64, 3)
   assert lp.net_of(measure.lpips_params) == "alex"
   measure = train._make_evaluator(_config("", ""), model).measure
@@ -141,7 +141,7 @@ def test_evaluator_from_config(tmp_path, lpips_alex):
     train._make_evaluator(_config(str(tmp_path / "missing"), ""), model)
   bad = _config("", str(tmp_path / "none.npz"))
   with pytest.raises(train_config.TrainingError, match="none.npz"):
-    train._make_evaluator(bad, model)
+    train._load_lpips(bad)
 
 
 @pytest.mark.slow

@@ -244,7 +244,7 @@ def test_convert_refuses_a_folder_that_is_not_a_model(
     monkeypatch.chdir(ckpt.parent)
     out = "."
   before = _snapshot(tmp_path)
-  rc, err = _cli(capsys, convert_cli.main, ckpt, out)
+  rc, err = _cli(capsys, convert_cli.main, "checkpoint", ckpt, out)
   assert rc == 2 and len(err) == 1, err
   assert "not empty and not a model directory" in err[0]
   assert "nothing was written" in err[0]
@@ -255,7 +255,7 @@ def test_convert_refuses_a_file_as_output_dir(tmp_path, capsys):
   (tmp_path / "x.pt").write_bytes(b"w")
   out = tmp_path / "notes.txt"
   out.write_bytes(b"mine")
-  rc, err = _cli(capsys, convert_cli.main, tmp_path / "x.pt", out)
+  rc, err = _cli(capsys, convert_cli.main, "checkpoint", tmp_path / "x.pt", out)
   assert rc == 2 and len(err) == 1 and "not a directory" in err[0], err
   assert out.read_bytes() == b"mine"
 

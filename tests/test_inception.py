@@ -1,5 +1,6 @@
-"""The FID InceptionV3 (cdc_jax.models.inception), its weights converter
-(cdc_jax.convert.inception, inception_cli) and loader (eval.fid), against
+"""The FID InceptionV3 (cdc_jax.models.inception, with its .npz loader),
+its weights converter (cdc_jax.convert.inception and the ``inception``
+command of python -m cdc_jax.convert) and eval.fid's loader, against
 torch-fidelity 0.4.0's FeatureExtractorInceptionV3 built from a random
 state dict saved to a temporary file (nothing is downloaded)."""
 
@@ -9,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from cdc_jax.convert import cli
 from cdc_jax.convert import inception as ci
-from cdc_jax.convert import inception_cli
 from cdc_jax.eval import fid as F
 from cdc_jax.models import inception as inc
 from cdc_jax.testing import photo
@@ -91,19 +92,19 @@ def test_converter_round_trip(state, tmp_path):
   assert all(flat[k].shape == s for k, s in inc.variable_shapes().items())
   path = str(tmp_path / "v.npz")
   ci.save_variables(path, flat)
-  back = ci.to_torch_state_dict(ci.load_variables(path))
+  back = ci.to_torch_state_dict(inc.load_variables(path))
   assert set(back) == set(state) - {"fc.weight", "fc.bias"}
   for k, v in back.items():
     np.testing.assert_array_equal(v, state[k], err_msg=k)
   # The .npz CLI source path (no torch needed) writes the same arrays.
   out = str(tmp_path / "again.npz")
-  assert inception_cli.main([path, out]) == 0
-  again = ci.load_variables(out)
+  assert cli.main(["inception", path, out]) == 0
+  again = inc.load_variables(out)
   assert all(np.array_equal(again[k], flat[k]) for k in flat)
 
 
 def _raises(path, *words):
-  with pytest.raises(ci.InceptionWeightsError) as e:
+  with pytest.raises(inc.InceptionWeightsError) as e:
     F.load_inception(path)
   msg = str(e.value)
   assert "\n" not in msg
@@ -114,8 +115,8 @@ def _raises(path, *words):
 def test_missing_and_invalid_files(state, tmp_path, capsys):
   url = "toshas/torch-fidelity/releases"
   missing = str(tmp_path / "weights-inception-2015-12-05-6726825d.pth")
-  _raises(missing, missing, "no such file", url, "inception_cli")
-  assert inception_cli.main([missing, str(tmp_path / "o.npz")]) == 2
+  _raises(missing, missing, "no such file", url, "cdc_jax.convert inception")
+  assert cli.main(["inception", missing, str(tmp_path / "o.npz")]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and missing in err and url in err
   junk = tmp_path / "junk.pth"
@@ -132,7 +133,7 @@ def test_missing_and_invalid_files(state, tmp_path, capsys):
 
 def test_wrong_state_dicts(state):
   def err(s):
-    with pytest.raises(ci.InceptionWeightsError) as e:
+    with pytest.raises(inc.InceptionWeightsError) as e:
       ci.variables_from_state_dict(s, "X.pth")
     return str(e.value)
 
@@ -212,6 +213,9 @@ def test_parity_with_torch_fidelity(state, npz, extractor, tmp_path):
   # The .pth converts with the CLI to the variables the features above
   # came from.
   out = str(tmp_path / "converted.npz")
-  assert inception_cli.main([pth, out]) == 0
-  flat, again = ci.load_variables(npz), ci.load_variables(out)
+  assert cli.main(["inception", pth, out]) == 0
+  flat, again = inc.load_variables(npz), inc.load_variables(out)
   assert all(np.array_equal(again[k], flat[k]) for k in flat)
+  # eval.fid reads the .pth itself too (converted in memory).
+  direct = F.load_inception(pth).variables
+  jax.tree.map(np.testing.assert_array_equal, direct, extractor.variables)

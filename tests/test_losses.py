@@ -247,7 +247,7 @@ def test_validate_config_needs_lpips_weights(tmp_path):
     validate_config(c)
   msg = str(e.value)
   assert "--config.diffusion.lpips_weights" in msg and "\n" not in msg
-  assert "lpips_cli" in msg and "cdc_jax.convert" in msg
+  assert "python -m cdc_jax.convert lpips" in msg
   c.diffusion.lpips_weights = str(tmp_path / "missing.npz")
   with pytest.raises(TrainingError, match="missing.npz"):
     validate_config(c)

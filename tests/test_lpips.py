@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from cdc_jax import model_dir
+from cdc_jax.convert import cli, tables
 from cdc_jax.convert import lpips as conv
-from cdc_jax.convert import lpips_cli, tables
 from cdc_jax.models import lpips as lp
 from cdc_jax.models.cdc import to_config
 from cdc_jax.testing import photo, tiny_model
@@ -224,7 +224,7 @@ def test_npz_from_a_rho_checkpoint_loads(ref, tmp_path):
   sd.update({f"loss_fn_vgg.{k}": v for k, v in model.state_dict().items()})
   torch.save({"step": 1, "model": sd}, tmp_path / "ckpt.pt")
   tc.convert_file(str(tmp_path / "ckpt.pt"), str(tmp_path / "m"))
-  loaded = conv.load_params(str(tmp_path / "m" / tc.LPIPS_FILE))
+  loaded = lp.load(str(tmp_path / "m" / tc.LPIPS_FILE))
   fa, fb = model_dir.flatten(loaded), model_dir.flatten(params)
   assert sorted(fa) == sorted(fb)
   for k in fa:
@@ -234,7 +234,7 @@ def test_npz_from_a_rho_checkpoint_loads(ref, tmp_path):
 def test_save_load_and_default_lins(ref, tmp_path):
   net, _, trunk, _, params = ref
   conv.save_params(str(tmp_path / "p.npz"), params)
-  back = conv.load_params(str(tmp_path / "p.npz"))
+  back = lp.load(str(tmp_path / "p.npz"))
   again = conv.params_from_torch(str(trunk), net)  # the package's lins
   for other in (back, again):
     fa, fb = model_dir.flatten(other), model_dir.flatten(params)
@@ -246,10 +246,10 @@ def test_save_load_and_default_lins(ref, tmp_path):
 def test_cli_writes_loadable_npz(ref, tmp_path, capsys):
   net, _, trunk, lins, params = ref
   out = tmp_path / "w.npz"
-  argv = [str(out), "--net", net, "--backbone", str(trunk), "--lins", str(lins)]
-  assert lpips_cli.main(argv) == 0
+  argv = ["lpips", str(out), "--net", net, "--backbone", str(trunk)]
+  assert cli.main([*argv, "--lins", str(lins)]) == 0
   assert str(out) in capsys.readouterr().out
-  loaded = model_dir.flatten(conv.load_params(str(out), net))
+  loaded = model_dir.flatten(lp.load(str(out), net))
   for k, v in model_dir.flatten(params).items():
     np.testing.assert_array_equal(loaded[k], v, err_msg=k)
 
@@ -258,24 +258,25 @@ def test_errors_name_the_file_and_the_fix(ref, tmp_path, capsys):
   net, _, trunk, _, _ = ref
   other = "alex" if net == "vgg" else "vgg"
   missing = str(tmp_path / "nope.pth")
-  with pytest.raises(conv.LPIPSWeightsError) as e:
+  with pytest.raises(lp.LPIPSWeightsError) as e:
     conv.params_from_torch(missing, net)
   msg = str(e.value)
   assert "\n" not in msg and missing in msg and "no such file" in msg
   assert conv.TORCHVISION_FILES[net] in msg
-  with pytest.raises(conv.LPIPSWeightsError, match="missing"):
+  with pytest.raises(lp.LPIPSWeightsError, match="missing"):
     conv.params_from_torch(str(trunk), other)  # the other net's file
-  with pytest.raises(conv.LPIPSWeightsError, match="no such file"):
-    conv.load_params(missing)
-  status = lpips_cli.main([str(tmp_path / "o.npz"), "--backbone", missing])
+  with pytest.raises(lp.LPIPSWeightsError, match="no such file") as e:
+    lp.load(missing)
+  assert "python -m cdc_jax.convert lpips" in str(e.value)
+  status = cli.main(["lpips", str(tmp_path / "o.npz"), "--backbone", missing])
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1 and missing in err[0]
   np.savez(tmp_path / "bad.npz", **{"lin_0/kernel": np.zeros((1, 1, 64, 1))})
-  with pytest.raises(conv.LPIPSWeightsError, match="not an LPIPS params"):
-    conv.load_params(str(tmp_path / "bad.npz"))
+  with pytest.raises(lp.LPIPSWeightsError, match="not an LPIPS params"):
+    lp.load(str(tmp_path / "bad.npz"))
   (tmp_path / "text.npz").write_text("not weights")
-  with pytest.raises(conv.LPIPSWeightsError, match="not a plain .npz"):
-    conv.load_params(str(tmp_path / "text.npz"))
+  with pytest.raises(lp.LPIPSWeightsError, match="not a plain .npz"):
+    lp.load(str(tmp_path / "text.npz"))
 
 
 def test_feature_shapes_match_the_trunk(ref):

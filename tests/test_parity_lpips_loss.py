@@ -15,7 +15,7 @@ included), and runs one training forward and the trainer's two backward
 passes with injected t, rate noise, diffusion noise and LPIPS dropout
 masks. Our side converts the checkpoint (``cdc_jax.convert`` writes the
 LPIPS-VGG weights aside as ``lpips_vgg.npz``), loads them with
-``cdc_jax.convert.lpips.load_params`` and takes ``jax.grad`` of
+``cdc_jax.models.lpips.load`` and takes ``jax.grad`` of
 ``cdc_jax.losses.loss_fn(..., rho=0.9, lpips_params=...,
 dropout_masks=...)`` with the same masks (NHWC).
 
@@ -54,7 +54,6 @@ from test_parity import nhwc, skip_reason
 
 from cdc_jax import diffusion
 from cdc_jax.convert import infer, torch_checkpoint
-from cdc_jax.convert import lpips as lpips_convert
 from cdc_jax.models import lpips as lp
 
 RHO = 0.9  # the released perceptual models (aux0.9lpips)
@@ -94,9 +93,7 @@ def _ours(path: str, inputs: dict):
   """Our side: (torch-named parameter gradients, metrics, gradient at
   the prediction, prediction), all NHWC / numpy."""
   loaded, model, sched_arrays = loss_grads.converted(path)
-  vgg = lpips_convert.load_params(
-    os.path.join(path, torch_checkpoint.LPIPS_FILE), "vgg"
-  )
+  vgg = lp.load(os.path.join(path, torch_checkpoint.LPIPS_FILE), "vgg")
   masks = [jnp.asarray(nhwc(inputs[f"mask_{i}"])) for i in range(5)]
 
   @jax.jit

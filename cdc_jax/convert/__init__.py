@@ -1,14 +1,17 @@
-"""Released PyTorch CDC checkpoints -> cdc_jax model directories.
+"""PyTorch weights -> cdc_jax: CDC checkpoints, LPIPS and FID Inception.
 
-Usage::
+Usage (``cli.py``)::
 
-  python -m cdc_jax.convert CHECKPOINT.pt OUTPUT_DIR [--family eps|x]
-      [--ema | --no-ema]
+  python -m cdc_jax.convert checkpoint CHECKPOINT.pt OUTPUT_DIR
+      [--family eps|x] [--ema | --no-ema] [--overwrite]
+  python -m cdc_jax.convert lpips OUTPUT.npz --backbone PTH
+      [--net vgg|alex] [--lins PTH]
+  python -m cdc_jax.convert inception SRC.pth OUT.npz
 
 The released files (docs/model.md §10) are ``{"step", "model"}`` (eps
 family) or ``{"step", "model", "ema"}`` (x family, EMA weights under
 ``ema_model.``).
-The converter
+The checkpoint converter
 
 1. loads the file with ``torch.load(weights_only=True)`` (torch is only
    needed here: ``pip install -r requirements-torch.txt``),
@@ -27,6 +30,10 @@ The converter
    ``lpips_vgg.npz`` with the LPIPS-VGG weights in NHWC/HWIO layout (see
    ``tables.lpips_table``).
 
+``lpips`` and ``inception`` write the LPIPS and FID InceptionV3 weights
+as plain ``.npz`` files, which ``cdc_jax.models.lpips.load`` and
+``cdc_jax.models.inception.load_variables`` read without torch.
+
 Modules (none imports this package's ``__init__`` for anything)::
 
   errors.py            ConversionError, key listings for its messages
@@ -36,5 +43,7 @@ Modules (none imports this package's ``__init__`` for anything)::
   infer.py             family, model config and schedule from a state dict
   torch_checkpoint.py  load, select, convert, export; to_torch_state_dict,
                        the inverse (tests, round trips)
-  cli.py, __main__.py  ``python -m cdc_jax.convert``
+  lpips.py             LPIPS trunk and lin .pth files -> params (.npz)
+  inception.py         the FID InceptionV3 .pth -> variables (.npz)
+  cli.py, __main__.py  ``python -m cdc_jax.convert`` and its commands
 """

@@ -4,7 +4,8 @@ The weights of the FID literature are the TF 2015 graph converted to
 PyTorch: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``
 and pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (one sha256
 prefix in both names, as torch.hub names files: the same weights; see
-``WEIGHTS_URLS``). Both use torchvision's ``Inception3`` key names::
+``models.inception.WEIGHTS_URLS``). Both use torchvision's ``Inception3``
+key names::
 
   <block>[.<branch>].conv.weight        (O, I, kh, kw) -> .../conv/kernel
   <block>[.<branch>].bn.weight / bias   (O,)  -> params/.../bn/scale, bias
@@ -14,17 +15,17 @@ prefix in both names, as torch.hub names files: the same weights; see
 
 The mapping is one table (``table``) generated from the Flax model's
 variables, every row used once. Nothing is downloaded: a missing or wrong
-file raises ``InceptionWeightsError`` with one line naming the file and
-where to get it. ``.pth`` files are read with
+file raises ``models.inception.InceptionWeightsError`` with one line
+naming the file and where to get it. ``.pth`` files are read with
 ``torch.load(weights_only=True)`` (torch needed only for them); the
-``.npz`` this module writes is plain arrays (``allow_pickle=False``).
+``.npz`` this module writes is plain arrays, which
+``models.inception.load_variables`` reads without torch.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,13 +36,9 @@ from cdc_jax.convert.errors import ConversionError, listing
 from cdc_jax.convert.torch_checkpoint import load_torch_checkpoint
 from cdc_jax.convert.transforms import CONV, SAME, Row, shape_of, to_numpy
 from cdc_jax.models import inception as inc
+from cdc_jax.models.inception import InceptionWeightsError, fetch_hint
+from cdc_jax.models.weights import is_npz
 
-WEIGHTS_URLS = (
-  "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-  "weights-inception-2015-12-05-6726825d.pth",
-  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-  "pt_inception-2015-12-05-6726825d.pth",
-)
 FID_CLASSES = 1008  # the 2015 graph's logits; torchvision's ImageNet has 1000
 # torch BatchNorm2d / Conv2d names <-> Flax leaf names.
 _LEAVES = {
@@ -51,19 +48,6 @@ _LEAVES = {
   "bn/mean": ("bn.running_mean", SAME),
   "bn/var": ("bn.running_var", SAME),
 }
-
-
-class InceptionWeightsError(ConversionError):
-  """An Inception weights file is missing or is not the FID weights."""
-
-
-def fetch_hint() -> str:
-  """Where the weights come from (text only; cdc_jax never downloads)."""
-  return (
-    f"download {WEIGHTS_URLS[0]} (or pytorch-fid's {WEIGHTS_URLS[1]}, the "
-    "same weights) yourself and pass its path, or convert it once with "
-    "python -m cdc_jax.convert.inception_cli SRC.pth OUT.npz"
-  )
 
 
 def torch_key(flax_key: str) -> tuple[str, Any]:
@@ -136,7 +120,7 @@ def variables_from_state_dict(
       )
     a = to_numpy(state[row.torch_key]).astype(np.float32)
     out[row.flax_path] = np.ascontiguousarray(row.transform.to_flax(a))
-  _check_finite(out, what)
+  inc.check_finite(out, what)
   return out
 
 
@@ -146,42 +130,6 @@ def to_torch_state_dict(flat: Mapping[str, np.ndarray]) -> dict:
     r.torch_key: np.ascontiguousarray(r.transform.to_torch(flat[r.flax_path]))
     for r, _ in table()
   }
-
-
-def _check_finite(flat: Mapping[str, np.ndarray], what: str) -> None:
-  bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
-  if bad:
-    raise InceptionWeightsError(f"{what}: non-finite values in {listing(bad)}")
-
-
-def _is_npz(path: str) -> bool:
-  """True for a numpy archive (a zip of .npy files); a torch zip is not."""
-  if not zipfile.is_zipfile(path):
-    return False
-  with zipfile.ZipFile(path) as z:
-    names = z.namelist()
-  return bool(names) and all(n.endswith(".npy") for n in names)
-
-
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-  what = f"InceptionV3 weights {path}"
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      flat = {k: np.asarray(z[k], np.float32) for k in z.files}
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise InceptionWeightsError(
-      f"{what}: not a plain .npz file ({type(e).__name__}); {fetch_hint()}"
-    ) from None
-  shapes = dict((r.flax_path, s) for r, s in table())
-  bad = sorted(set(shapes) ^ set(flat))
-  bad += [k for k in shapes if k in flat and flat[k].shape != shapes[k]]
-  if bad:
-    raise InceptionWeightsError(
-      f"{what}: not FID InceptionV3 variables (wrong or missing keys/"
-      f"shapes: {listing(bad)}); {fetch_hint()}"
-    )
-  _check_finite(flat, what)
-  return flat
 
 
 def _read_pth(path: str) -> dict[str, np.ndarray]:
@@ -198,17 +146,16 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
 
 
 def load_variables(path: str) -> dict[str, np.ndarray]:
-  """Flat InceptionV3 variables from an ``.npz`` (``save_variables``) or
-  from the torch-fidelity / pytorch-fid ``.pth`` (needs torch).
+  """Flat InceptionV3 variables from an ``.npz`` (``save_variables``;
+  ``models.inception.load_variables`` reads it) or from the
+  torch-fidelity / pytorch-fid ``.pth`` (needs torch).
 
   The format is read from the file's contents, not its name.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise InceptionWeightsError(
-      f"InceptionV3 FID weights {path}: no such file; {fetch_hint()}"
-    )
-  return _read_npz(path) if _is_npz(path) else _read_pth(path)
+  if os.path.isfile(path) and not is_npz(path):
+    return _read_pth(path)
+  return inc.load_variables(path)  # the .npz, or the missing file's error
 
 
 def save_variables(path: str, flat: Mapping[str, np.ndarray]) -> None:

@@ -1,20 +1,18 @@
-"""LPIPS weights from local files -> ``cdc_jax.models.lpips`` params.
+"""LPIPS weights from local torch files -> ``cdc_jax.models.lpips`` params.
 
-Sources (nothing is downloaded):
+Sources (nothing is downloaded): the ``lpips`` package's linear layers,
+``lpips/weights/v0.1/{vgg,alex}.pth`` (shipped inside ``pip install
+lpips``; ``lin{i}.model.1.weight``), plus a torchvision-format trunk state
+dict that the user supplies (``features.{k}.{weight,bias}``;
+``classifier.*`` is ignored; lpips's own ``net.slice{s}.{k}.*`` naming is
+accepted too), see ``TORCHVISION_FILES``. ``save_params`` writes the
+result as an ``.npz``, which ``models.lpips.load`` reads without torch
+(as it reads the ``lpips_vgg.npz`` that ``python -m cdc_jax.convert
+checkpoint`` writes for rho > 0 CDC checkpoints).
 
-* the ``lpips`` package's linear layers, ``lpips/weights/v0.1/{vgg,alex}.pth``
-  (shipped inside ``pip install lpips``; ``lin{i}.model.1.weight``), plus a
-  torchvision-format trunk state dict that the user supplies
-  (``features.{k}.{weight,bias}``; ``classifier.*`` is ignored; lpips's own
-  ``net.slice{s}.{k}.*`` naming is accepted too), see ``TORCHVISION_FILES``;
-* the ``lpips_vgg.npz`` that ``python -m cdc_jax.convert`` writes for
-  rho > 0 CDC checkpoints (their ``loss_fn_vgg.*`` tensors), or any
-  ``.npz`` written by ``save_params``.
-
-``.pth`` files are read with ``torch.load(weights_only=True)`` (torch is
-needed only for them); ``.npz`` with ``allow_pickle=False``. A missing or
-wrong file raises ``LPIPSWeightsError`` whose one-line message names the
-file and how to get it.
+``.pth`` files are read with ``torch.load(weights_only=True)``. A missing
+or wrong file raises ``models.lpips.LPIPSWeightsError`` whose one-line
+message names the file and how to get it.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +30,7 @@ from cdc_jax.convert.errors import ConversionError, listing
 from cdc_jax.convert.torch_checkpoint import load_torch_checkpoint
 from cdc_jax.convert.transforms import CONV, SAME, Row, shape_of, to_numpy
 from cdc_jax.models import lpips as lp
+from cdc_jax.models.lpips import LPIPSWeightsError
 
 # torchvision's ImageNet weights of the trunks (named here as text only).
 TORCHVISION_FILES = {
@@ -40,15 +38,6 @@ TORCHVISION_FILES = {
   "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
 }
 LPIPS_VERSION = "0.1"
-
-
-class LPIPSWeightsError(ConversionError):
-  """A weights file is missing or is not what LPIPS needs."""
-
-
-def _check_net(net: str) -> None:
-  if net not in lp.NETS:
-    raise LPIPSWeightsError(f"LPIPS net must be one of {lp.NETS}, got {net!r}")
 
 
 def _fetch_hint(net: str) -> str:
@@ -108,7 +97,7 @@ def trunk_from_state_dict(state: Mapping[str, Any], net: str, what: str):
   ``classifier.*`` (the ImageNet head) is dropped; lpips-style
   ``[net.]slice{s}.{k}.*`` keys are renamed to ``features.{k}.*``.
   """
-  _check_net(net)
+  lp.check_net(net)
   trunk = {}
   for k, v in state.items():
     k = str(k).removeprefix("module.")
@@ -126,7 +115,7 @@ def trunk_from_state_dict(state: Mapping[str, Any], net: str, what: str):
 
 def lins_from_state_dict(state: Mapping[str, Any], net: str, what: str):
   """The lpips package's ``{net}.pth`` state dict -> flat Flax leaves."""
-  _check_net(net)
+  lp.check_net(net)
   return _apply(dict(state), lin_table(net), what)
 
 
@@ -139,7 +128,7 @@ def _scaling() -> dict[str, np.ndarray]:
 
 def package_lins_file(net: str = "vgg") -> str:
   """``lpips/weights/v0.1/{net}.pth`` of the installed ``lpips`` package."""
-  _check_net(net)
+  lp.check_net(net)
   spec = importlib.util.find_spec("lpips")
   if spec is None or not spec.submodule_search_locations:
     raise LPIPSWeightsError(
@@ -172,7 +161,7 @@ def params_from_torch(backbone: str, net: str = "vgg", lins: str | None = None):
   e.g. ``vgg16-397923af.pth``). ``lins``: the lpips package's v0.1
   ``{net}.pth``; by default the one inside the installed ``lpips``.
   """
-  _check_net(net)
+  lp.check_net(net)
   what = f"LPIPS {net} trunk (torchvision format)"
   state = _load_pth(backbone, what, _fetch_hint(net))
   flat = trunk_from_state_dict(state, net, f"{what} {backbone}")
@@ -190,42 +179,3 @@ def save_params(path: str, params, inputs=()) -> None:
   flat = model_dir.flatten(params)
   arrays = {k: np.asarray(v, np.float32) for k, v in flat.items()}
   files.write_atomic(path, lambda f: np.savez(f, **arrays), inputs)
-
-
-def load_params(path: str, net: str | None = None):
-  """LPIPS params from an ``.npz`` (``save_params`` or ``lpips_vgg.npz``).
-
-  ``net`` ("vgg"/"alex") is read from the names when None; every key and
-  shape is checked against ``models.lpips.param_shapes``.
-  """
-  if not os.path.isfile(path):
-    raise LPIPSWeightsError(
-      f"LPIPS weights {path}: no such file; write one with python -m "
-      "cdc_jax.convert.lpips_cli, or convert a rho > 0 CDC checkpoint "
-      "(python -m cdc_jax.convert, which writes lpips_vgg.npz)"
-    )
-  try:
-    z = np.load(path, allow_pickle=False)
-    if not hasattr(z, "files"):  # a lone .npy array
-      raise ValueError("one array, not an archive")
-    with z:
-      flat = {k: np.asarray(z[k], np.float32) for k in z.files}
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise LPIPSWeightsError(
-      f"LPIPS weights {path}: not a plain .npz file ({type(e).__name__})"
-    ) from None
-  tree = model_dir.unflatten(flat)
-  try:
-    net = lp.net_of(tree) if net is None else net
-  except ValueError as e:
-    raise LPIPSWeightsError(f"LPIPS weights {path}: {e}") from None
-  _check_net(net)
-  shapes = lp.param_shapes(net)
-  bad = sorted(set(shapes) ^ set(flat))
-  bad += [k for k in shapes if k in flat and flat[k].shape != shapes[k]]
-  if bad:
-    raise LPIPSWeightsError(
-      f"LPIPS weights {path}: not LPIPS-{net} params (wrong or missing "
-      f"keys/shapes: {listing(bad)})"
-    )
-  return tree

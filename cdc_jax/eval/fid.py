@@ -38,12 +38,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cdc_jax import model_dir
-from cdc_jax.convert.inception import (
-  InceptionWeightsError,
-  fetch_hint,
-  load_variables,
-)
 from cdc_jax.models import inception as inc
+from cdc_jax.models.inception import InceptionWeightsError, fetch_hint
+from cdc_jax.models.weights import is_npz
 
 PATCH = 256
 __all__ = [
@@ -88,10 +85,17 @@ class Extractor:
 
 def load_inception(path: str, precision=inc.HIGHEST) -> Extractor:
   """The FID extractor from a weights file: the ``.npz`` of
-  ``python -m cdc_jax.convert.inception_cli`` or the torch-fidelity /
-  pytorch-fid ``.pth`` itself (needs torch). Raises
-  ``InceptionWeightsError`` (one line: the file, how to get it)."""
-  variables = jax.device_put(model_dir.unflatten(load_variables(path)))
+  ``python -m cdc_jax.convert inception`` (``models.inception``
+  reads it) or the torch-fidelity / pytorch-fid ``.pth`` itself
+  (converted in memory by ``cdc_jax.convert.inception``; needs torch).
+  Raises ``InceptionWeightsError`` (one line: the file, how to get it)."""
+  if is_npz(path):
+    flat = inc.load_variables(path)
+  else:  # a .pth, or no file: the converter reads it or says what is wrong
+    from cdc_jax.convert import inception as convert_inception
+
+    flat = convert_inception.load_variables(path)
+  variables = jax.device_put(model_dir.unflatten(flat))
   return Extractor(variables, precision)
 
 

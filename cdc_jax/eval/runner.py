@@ -23,12 +23,11 @@ import jax
 import numpy as np
 
 from cdc_jax import codec
-from cdc_jax.convert.lpips import load_params
 from cdc_jax.eval import baselines, fid, metrics
 from cdc_jax.eval.ms_ssim import min_side
 from cdc_jax.eval.report import cdc_name
-from cdc_jax.imageio import save_png, to_float
-from cdc_jax.models.lpips import lpips_distance, net_of
+from cdc_jax.imageio import save_png, to_float, write_atomic
+from cdc_jax.models import lpips as lp
 
 # Quality grids of the baselines' sweeps (low rates, where CDC plays).
 QUALITIES = {
@@ -43,8 +42,8 @@ def lpips_scorer(params):
   """``lpips_fn(a_u8, b_u8) -> float``: LPIPS v0.1 of one uint8 pair
   [H, W, 3] (both mapped to [-1, 1]) with the given LPIPS params; jitted,
   one compile per image shape."""
-  net = net_of(params)
-  dist = jax.jit(lambda p, x, y: lpips_distance(p, x, y, net=net))
+  net = lp.net_of(params)
+  dist = jax.jit(lambda p, x, y: lp.lpips_distance(p, x, y, net=net))
 
   def lpips_fn(a_u8, b_u8) -> float:
     x, y = to_float(a_u8)[None], to_float(b_u8)[None]
@@ -54,12 +53,10 @@ def lpips_scorer(params):
 
 
 def load_lpips(path: str, net: str | None = None):
-  """``lpips_scorer`` of the LPIPS weights in ``path`` (an ``.npz``: the
-  ``lpips_vgg.npz`` of a converted rho > 0 checkpoint or what
-  ``python -m cdc_jax.convert.lpips_cli`` writes); ``net`` is read from
-  the file when None. Raises ``LPIPSWeightsError`` (a ValueError) whose
+  """``lpips_scorer(models.lpips.load(path, net))``: the scorer of an
+  LPIPS ``.npz``. Raises ``LPIPSWeightsError`` (a ValueError) whose
   one-line message names the file."""
-  return lpips_scorer(load_params(path, net))
+  return lpips_scorer(lp.load(path, net))
 
 
 def quality_metrics(img, rec, lpips_fn=None) -> dict:
@@ -84,7 +81,9 @@ def cdc_rows(
   recon_dir: str | None = None,
 ) -> tuple[list[dict], list[np.ndarray]]:
   """Compresses ``img`` to a real file per (sampler, steps, gamma) and
-  decodes it; returns the rows and the decoded images."""
+  decodes it; returns the rows and the decoded images. With
+  ``recon_dir``, each file and its decoded PNG are kept there (the row's
+  ``file`` and ``reconstruction``)."""
   rows, recs = [], []
   h, w, _ = img.shape
   for sampler, steps, gamma in settings:
@@ -106,9 +105,10 @@ def cdc_rows(
     if recon_dir is not None:
       stem = os.path.splitext(name.replace(os.sep, "_"))[0]
       tag = "" if sampler == "ddim" else f".{sampler}"
-      path = os.path.join(recon_dir, f"{stem}.{label}{tag}.S{steps}.png")
-      save_png(path, rec)
-      row["reconstruction"] = path
+      path = os.path.join(recon_dir, f"{stem}.{label}{tag}.S{steps}")
+      write_atomic(path + ".cdcj", res.data)
+      save_png(path + ".png", rec)
+      row["file"], row["reconstruction"] = path + ".cdcj", path + ".png"
     rows.append(row)
     recs.append(rec)
   return rows, recs

@@ -29,16 +29,34 @@ Variables (torch names with ``.`` -> ``/``, see ``convert.inception``)::
   params/<block>[/<branch>]/conv/kernel        (kh, kw, I, O)
   params/<block>[/<branch>]/bn/{scale,bias}    (O,)
   batch_stats/<block>[/<branch>]/bn/{mean,var} (O,)
+
+``load_variables(path)`` reads them from the ``.npz`` that ``python -m
+cdc_jax.convert inception`` writes (no torch); nothing is downloaded: a
+missing or wrong file raises ``InceptionWeightsError``, one line naming
+the file and where to get the weights (``WEIGHTS_URLS``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import os
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cdc_jax.errors import UserError
+from cdc_jax.models import weights
+
+# The FID weights: torch-fidelity's and pytorch-fid's copies of one file.
+WEIGHTS_URLS = (
+  "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+  "weights-inception-2015-12-05-6726825d.pth",
+  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+  "pt_inception-2015-12-05-6726825d.pth",
+)
 
 INPUT_SIZE = 299
 FEATURES = 2048
@@ -303,3 +321,56 @@ def _flat_shapes(tree, prefix: str = "") -> Sequence[tuple[str, tuple]]:
     else:
       out.append((key, tuple(v.shape)))
   return out
+
+
+@functools.lru_cache(maxsize=1)
+def _default_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
+  return tuple(variable_shapes().items())  # one eval_shape a process
+
+
+class InceptionWeightsError(UserError, ValueError):
+  """An Inception weights file is missing or is not the FID weights."""
+
+
+def fetch_hint() -> str:
+  """Where the weights come from (text only; cdc_jax never downloads)."""
+  return (
+    f"download {WEIGHTS_URLS[0]} (or pytorch-fid's {WEIGHTS_URLS[1]}, the "
+    "same weights) yourself and pass its path, or convert it once with "
+    "python -m cdc_jax.convert inception SRC.pth OUT.npz"
+  )
+
+
+def check_finite(flat: Mapping[str, np.ndarray], what: str) -> None:
+  """Raises ``InceptionWeightsError`` naming the non-finite variables."""
+  bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise InceptionWeightsError(
+      f"{what}: non-finite values in {weights.listing(bad)}"
+    )
+
+
+def load_variables(path: str) -> dict[str, np.ndarray]:
+  """Flat variables (``"params/..."``, ``"batch_stats/..."``) from the
+  ``.npz`` of ``python -m cdc_jax.convert inception``; every key and
+  shape is checked against ``variable_shapes``. Raises
+  ``InceptionWeightsError``."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise InceptionWeightsError(
+      f"InceptionV3 FID weights {path}: no such file; {fetch_hint()}"
+    )
+  what = f"InceptionV3 weights {path}"
+  if not weights.is_npz(path):
+    raise InceptionWeightsError(
+      f"{what}: not a plain .npz file; {fetch_hint()}"
+    )
+  flat = weights.read_npz(path, what, InceptionWeightsError, fetch_hint())
+  bad = weights.mismatches(flat, dict(_default_shapes()))
+  if bad:
+    raise InceptionWeightsError(
+      f"{what}: not FID InceptionV3 variables (wrong or missing keys/"
+      f"shapes: {weights.listing(bad)}); {fetch_hint()}"
+    )
+  check_finite(flat, what)
+  return flat

@@ -13,8 +13,9 @@ The perceptual distance of the ``lpips`` package (0.1.4, ``version='0.1'``,
     -> Dropout(0.5) (training only) -> lin_l, a bias-free 1x1 conv to 1
     -> spatial mean, sum over the 5 taps                    -> [B]
 
-Parameter names (the ``lpips_vgg.npz`` that ``cdc_jax.convert`` writes for
-rho > 0 checkpoints loads as is, see ``convert.tables.lpips_table``)::
+Parameter names (the ``lpips_vgg.npz`` that ``python -m cdc_jax.convert
+checkpoint`` writes for rho > 0 checkpoints loads as is, see
+``convert.tables.lpips_table``)::
 
   scaling_layer/{shift,scale}   (3,)             lpips ScalingLayer buffers
   features_{k}/{kernel,bias}    (kh, kw, I, O)   torchvision features[k]
@@ -24,17 +25,25 @@ The CDC training loss (docs/model.md §7.4) runs LPIPS-VGG with its dropout
 active; ``deterministic=False`` draws the masks from the ``'dropout'`` rng
 stream, ``dropout_masks`` injects them (parity tests, a deterministic
 variant).
+
+``load(path)`` reads those params from an ``.npz`` (no torch); a missing or
+wrong file raises ``LPIPSWeightsError``, one line naming the file and how
+to get it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
+from cdc_jax.errors import UserError
+from cdc_jax.models import weights
 from cdc_jax.models.layers import Conv
 
 # lpips v0.1 ScalingLayer: ImageNet mean/std expressed for [-1, 1] inputs.
@@ -276,3 +285,43 @@ def lpips_distance(
     dropout_masks=dropout_masks,
     rngs=rngs,
   )
+
+
+class LPIPSWeightsError(UserError, ValueError):
+  """A weights file is missing or is not what LPIPS needs."""
+
+
+def check_net(net: str) -> None:
+  """Raises ``LPIPSWeightsError`` unless ``net`` is one of ``NETS``."""
+  if net not in NETS:
+    raise LPIPSWeightsError(f"LPIPS net must be one of {NETS}, got {net!r}")
+
+
+def load(path: str, net: str | None = None):
+  """LPIPS params from an ``.npz``: the ``lpips_vgg.npz`` of a converted
+  rho > 0 checkpoint or what ``python -m cdc_jax.convert lpips`` writes.
+
+  ``net`` ("vgg"/"alex") is read from the names when None; every key and
+  shape is checked against ``param_shapes``. Raises ``LPIPSWeightsError``.
+  """
+  if not os.path.isfile(path):
+    raise LPIPSWeightsError(
+      f"LPIPS weights {path}: no such file; write one with python -m "
+      "cdc_jax.convert lpips, or convert a rho > 0 CDC checkpoint "
+      "(python -m cdc_jax.convert checkpoint, which writes lpips_vgg.npz)"
+    )
+  what = f"LPIPS weights {path}"
+  flat = weights.read_npz(path, what, LPIPSWeightsError)
+  tree = traverse_util.unflatten_dict(flat, sep="/")
+  try:
+    net = net_of(tree) if net is None else net
+  except ValueError as e:
+    raise LPIPSWeightsError(f"{what}: {e}") from None
+  check_net(net)
+  bad = weights.mismatches(flat, param_shapes(net))
+  if bad:
+    raise LPIPSWeightsError(
+      f"{what}: not LPIPS-{net} params (wrong or missing keys/shapes: "
+      f"{weights.listing(bad)})"
+    )
+  return tree
