@@ -177,10 +177,10 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def load_images(args):
   from cdc_jax.data import tfds_source
-  from cdc_jax.eval import datasets, held_out
+  from cdc_jax.eval import datasets
 
   if args.dataset == "held_out":
-    return [("chelsea (held out)", held_out.held_out_image())]
+    return datasets.held_out()
   if not args.dataset.startswith(tfds_source.PREFIX):
     return list(datasets.images(args.dataset, args.data, args.limit))
   name = args.dataset.removeprefix(tfds_source.PREFIX)
@@ -264,11 +264,7 @@ def run(args) -> dict:
   result = pipeline.evaluate(
     models, images, args.out, opts, lpips_fn, extractor
   )
-  print("\n".join(pipeline.cdc_vs_baseline(result["rows"])))
-  print(pipeline.report.summary_table(result["summary"]))
-  print("\n".join(pipeline.fid_lines(result)))
-  print("\n".join(result["notes"]))
-  print(f"report: {os.path.abspath(args.out)}")
+  print("\n".join(pipeline.summary_lines(result, table=True)))
   return result
 
 

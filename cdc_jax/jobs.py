@@ -1,7 +1,8 @@
 """The main job's modes, one function each (``cdc_jax.main`` calls them).
 
 ``train``: trains, exports ``workdir/model`` and prints the held-out
-report made through the real file codec. ``export``: ``workdir/model``
+report made through the real file codec. ``eval``: that report alone.
+``export``: ``workdir/model``
 from the latest checkpoint (params only; no optimizer is built).
 """
 
@@ -9,19 +10,63 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 
-from cdc_jax import files, model_dir, train
-from cdc_jax.data.sources import HELD_OUT, EmbeddedSource
+from cdc_jax import cli_errors, files, model_dir, train
+from cdc_jax.data.sources import EmbeddedSource
 from cdc_jax.errors import SettingError
-from cdc_jax.eval import held_out
 
 logger = logging.getLogger(__name__)
 
+REPORT_DIR = "eval"  # a workdir's held-out report
+TOY_NOTE = (
+  "  Trained on the embedded photos only: a demonstration, not a codec; real "
+  "quality needs the full configs trained on Vimeo-90k or the released "
+  "weights (README, 'Released weights')."
+)
+
+
+@cli_errors.user_errors(None)
+def run(
+  mode: str,
+  config,
+  workdir: str | None,
+  spec: str,
+  processes: tuple = (None, None, None),
+  compile_cache_on: bool = True,
+) -> int:
+  """``cdc_jax.main``'s work: ``mode`` (train, eval, export) in ``workdir``
+  (None: ``default_workdir(spec)``, printed); ``processes`` =
+  (coordinator, count, id) for multi-process runs. Returns the exit
+  status: 0, 2 (a user error, one line), 75 (preempted: rerun to resume).
+  """
+  from cdc_jax import compile_cache, distributed, preemption
+
+  if workdir is None:
+    workdir = default_workdir(spec)
+    print(f"workdir: {workdir} (the default; --workdir=DIR chooses)")
+  # Before anything touches a device; a no-op for one process.
+  check_workdir(workdir, must_exist=mode != "train")
+  distributed.initialize(*processes, log=True)
+  compile_cache.enable(disabled=not compile_cache_on)
+  try:
+    if mode == "export":
+      export_job(workdir)
+    elif mode == "eval":
+      eval_job(config, workdir)
+    else:
+      train_job(config, workdir)
+  except preemption.Preempted as e:
+    print(f"{e} (exit status {preemption.EXIT_CODE})", file=sys.stderr)
+    return preemption.EXIT_CODE
+  return 0
+
 
 def train_job(config, workdir: str) -> dict:
-  """Trains in ``workdir``; process 0 then prints the held-out report."""
+  """Trains in ``workdir``; process 0 then prints the held-out report
+  (``held_out_report``)."""
   if config.data.name == "embedded" and config.model.dim >= 64:
     logger.warning(
       "training the full model on the %d embedded photos: fine as a smoke "
@@ -32,26 +77,26 @@ def train_job(config, workdir: str) -> dict:
     )
   metrics = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
-    rep = held_out.report(
-      os.path.join(workdir, model_dir.EXPORT_DIR),
-      workdir,
-      config.eval.steps,
-      config.eval.gamma,
-      config.eval.sampler,
-    )
-    print(held_out.summary(rep))
+    held_out_report(config, workdir)
   return metrics
 
 
 def eval_job(config, workdir: str) -> dict:
-  """Evaluates the workdir's latest checkpoint (EMA params where present,
-  no optimizer built) on the held-out photo: real file, PSNR, MS-SSIM
-  (LPIPS when ``config.diffusion.lpips_weights`` is set; FID/KID per
-  setting when ``config.eval.inception_weights`` is, on this one photo
-  NaN or not meaningful: the report says which), beside JPEG/WebP/AVIF
-  at the nearest bpp; the report in workdir/eval."""
+  """``--mode=eval``: the held-out report of the workdir's latest
+  checkpoint (EMA params where present, no optimizer built)."""
+  return held_out_report(config, workdir)
+
+
+def held_out_report(config, workdir: str) -> dict:
+  """The held-out photo through the evaluation pipeline
+  (``cdc_jax.eval.pipeline``, as ``evaluate --dataset held_out``): a real
+  file per ``config.eval`` setting, PSNR, MS-SSIM (LPIPS when
+  ``config.diffusion.lpips_weights`` is set; FID/KID when
+  ``config.eval.inception_weights`` is, not meaningful on one photo: the
+  report says so) beside JPEG/WebP/AVIF at the nearest bpp; the report,
+  the file and the grid in ``workdir/eval``."""
   from cdc_jax import codec
-  from cdc_jax.eval import pipeline
+  from cdc_jax.eval import datasets, pipeline
 
   opts = pipeline.Options(
     steps=(config.eval.steps,),
@@ -61,19 +106,19 @@ def eval_job(config, workdir: str) -> dict:
     title="held-out photo",
     lpips_weights=config.diffusion.lpips_weights,
     inception_weights=config.eval.inception_weights,
+    save_reconstructions=True,
   )
   # Bad weight files fail before decoding.
   lpips_fn = pipeline.lpips_of(opts)
   extractor = pipeline.inception_of(opts)
   cm = codec.load(workdir)
-  out = os.path.join(workdir, "eval")
-  image = [(f"{HELD_OUT} (held out)", held_out.held_out_image())]
+  out = os.path.join(workdir, REPORT_DIR)
   result = pipeline.evaluate(
-    {"workdir": cm}, image, out, opts, lpips_fn, extractor
+    {"model": cm}, datasets.held_out(), out, opts, lpips_fn, extractor
   )
-  print("\n".join(pipeline.cdc_vs_baseline(result["rows"])))
-  print("\n".join(pipeline.fid_lines(result) + result["notes"]))
-  print(f"report: {out}")
+  print("\n".join(pipeline.summary_lines(result)))
+  if config.data.name == "embedded":
+    print(TOY_NOTE)
   return result
 
 

@@ -33,31 +33,25 @@ import numpy as np
 
 from cdc_jax import (
   checkpoint,
-  diffusion,
   files,
+  model_check,
   model_dir,
   preemption,
   sharding,
 )
 from cdc_jax.data.pipeline import BatchIterator, make_loader
-from cdc_jax.eval import held_out
+from cdc_jax.eval import during_training
 from cdc_jax.imageio import write_atomic
 from cdc_jax.models import lpips
 from cdc_jax.models.cdc import CDC, from_config, to_config
 from cdc_jax.optim import make_optimizer
-from cdc_jax.sample import Sampler
-from cdc_jax.train_config import (  # noqa: F401 (re-exported)
-  TrainingError,
-  diffusion_config,
-  validate_config,
-)
+from cdc_jax.train_config import TrainingError, validate_config
 from cdc_jax.train_state import TrainState, decoding_params, from_params
 from cdc_jax.train_state import init_state as fresh_state
 from cdc_jax.train_step import make_train_step
 
 logger = logging.getLogger(__name__)
 
-MODEL_DIR = model_dir.EXPORT_DIR
 METRICS_JSON = "metrics.json"
 
 
@@ -66,7 +60,7 @@ def export(config, state: TrainState, directory: str, source: str) -> str:
   return model_dir.export(
     directory,
     to_config(config.model),
-    diffusion_config(config),
+    model_check.diffusion_config(config),
     jax.device_get(decoding_params(state)),
     source=source,
     overwrite=True,  # the run's own export folder
@@ -179,54 +173,6 @@ def _check_finite(pending, manager) -> None:
     )
 
 
-@dataclasses.dataclass
-class _Evaluator:
-  """Reconstructs the held-out set with the decoding params (one jitted
-  call, ``held_out.SetEvaluator``) and logs its means to TensorBoard."""
-
-  measure: held_out.SetEvaluator
-
-  def __call__(self, state: TrainState, done: int, out: _Outputs) -> dict:
-    means, first = self.measure(decoding_params(state))
-    if out.writer is not None:
-      for k, v in means.items():
-        out.writer.add_scalar(f"eval/{k}", v, done)
-      pair = np.concatenate([self.measure.crops[0], first], axis=1)
-      out.writer.add_image(
-        "eval/original_vs_reconstruction", pair, done, dataformats="HWC"
-      )
-    return {f"eval_{k}": v for k, v in means.items()}
-
-
-def _make_evaluator(config, model: CDC, lpips_params=None) -> _Evaluator:
-  """The held-out set of ``config.eval`` (``data``: "" for the embedded
-  held-out photo, else a folder, its first ``max_images``), center-cropped
-  to one side <= ``size``; LPIPS too with ``lpips_params``
-  (``_load_lpips``)."""
-  dc, ec = config.diffusion, config.eval
-  schedule = diffusion.make_schedule(dc.schedule, dc.timesteps)
-  images = held_out.eval_images(ec.data, ec.max_images)
-  crops = held_out.crop_set(
-    [img for _, img in images], ec.size, model.downsampling_factor
-  )
-  logger.info(
-    "evaluating every %d steps on %d held-out crop(s) of %dx%d",
-    ec.every,
-    len(crops),
-    crops.shape[1],
-    crops.shape[2],
-  )
-  measure = held_out.SetEvaluator(
-    Sampler(model, schedule),
-    crops,
-    ec.steps,
-    ec.gamma,
-    lpips_params,
-    sampler=ec.sampler,
-  )
-  return _Evaluator(measure)
-
-
 def _log(metrics, done: int, rate: float, out: _Outputs) -> dict:
   last = {k: float(v) for k, v in jax.device_get(metrics).items()}
   last["steps_per_sec"] = rate
@@ -258,7 +204,7 @@ class _Run:
   batch_sharding: Any
   loader: BatchIterator
   manager: Any
-  evaluate: _Evaluator
+  evaluate: during_training.SetEvaluator
   watch: preemption.Watch
 
 
@@ -304,7 +250,8 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
         manager.wait_until_finished()
         raise preemption.Preempted(done, str(manager.directory))
       if is_eval:
-        last.update(run.evaluate(state, done, out))
+        params = decoding_params(state)
+        last.update(run.evaluate.log(params, done, out.writer))
   finally:
     out.close()
     manager.wait_until_finished()
@@ -337,7 +284,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate_config(config)
   files.make_output_dir(workdir, "workdir")
   # The outputs a run writes at its end, checked before it starts.
-  model_dir.check_export_target(os.path.join(workdir, MODEL_DIR), True)
+  model_dir.check_export_target(
+    os.path.join(workdir, model_dir.EXPORT_DIR), True
+  )
   files.check_output(os.path.join(workdir, METRICS_JSON))
   mesh = sharding.make_mesh()
   sharding.check_batch(config.train.batch_size, mesh)
@@ -357,7 +306,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logger.info(
     "training from %s, step %d of %d", origin, start, config.train.num_steps
   )
-  evaluate = _make_evaluator(config, model, lpips_params)
+  evaluate = during_training.from_config(config, model, lpips_params)
   watch = preemption.Watch(manager)
   run = _Run(
     config, workdir, step_fn, batch_sharding, loader, manager, evaluate, watch
@@ -371,7 +320,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     done = int(state.step)
     source = f"trained in {workdir} to step {done}"
-    export(config, state, os.path.join(workdir, MODEL_DIR), source)
+    export(config, state, os.path.join(workdir, model_dir.EXPORT_DIR), source)
     payload = json.dumps(last, indent=2).encode()
     write_atomic(os.path.join(workdir, METRICS_JSON), payload)
   return last

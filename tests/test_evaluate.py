@@ -18,7 +18,7 @@ from PIL import Image
 
 from cdc_jax import codec, evaluate, jobs, testing
 from cdc_jax.convert import lpips as conv_lpips
-from cdc_jax.eval import baselines, pipeline, report, runner
+from cdc_jax.eval import baselines, measure, pipeline, report
 from cdc_jax.eval import fid as F
 from cdc_jax.imageio import load_image, to_float
 from cdc_jax.models import lpips as lp
@@ -216,14 +216,14 @@ class _Standin:
 
 
 def _direct(ex, images, size=32, shifted=True):
-  """The features of the protocol's patches computed without the runner."""
+  """The features of the protocol's patches computed without the measure."""
   stream = (F.patches(im, size, shifted) for im in images)
   return F.features(ex, stream, batch=4, progress=False)
 
 
 def test_patch_features_fill_batches_across_keys():
   ex = _Standin()
-  pf = runner.PatchFeatures(ex, batch=3, size=32, shifted=False)
+  pf = measure.PatchFeatures(ex, batch=3, size=32, shifted=False)
   a = testing.photo("astronaut", (64, 96), 30, 40)  # 2x3 patches
   b = testing.photo("coffee", (32, 64), 50, 60)  # 1x2
   assert pf.add("a", a) == 6 and pf.add("b", b) == 2
@@ -235,7 +235,7 @@ def test_patch_features_fill_batches_across_keys():
   np.testing.assert_allclose(out["b"], _direct(ex, [b], shifted=False))
   assert out["c"].shape == (0, 12)
   with pytest.raises(ValueError, match="batch must be >= 1"):
-    runner.PatchFeatures(ex, batch=0)
+    measure.PatchFeatures(ex, batch=0)
 
 
 def test_evaluate_fid_kid_per_setting(model_path, tmp_path):
@@ -264,7 +264,7 @@ def test_evaluate_fid_kid_per_setting(model_path, tmp_path):
   feats = result["fid_features"]
   orig = _direct(ex, imgs)
   assert orig.shape == (16, 12)
-  np.testing.assert_allclose(feats[runner.ORIGINALS], orig, rtol=1e-6)
+  np.testing.assert_allclose(feats[measure.ORIGINALS], orig, rtol=1e-6)
   scale = np.trace(np.cov(orig, rowvar=False))
   assert abs(F.fid(orig, orig)) < 1e-9 * scale  # originals vs themselves
   cdc = [r for r in result["rows"] if r["codec"].startswith("cdc")]
@@ -304,11 +304,11 @@ def test_evaluate_fid_kid_per_setting(model_path, tmp_path):
 
 def test_fid_is_nan_below_two_patches(tmp_path):
   feats = {
-    runner.ORIGINALS: np.arange(12.0).reshape(3, 4),
+    measure.ORIGINALS: np.arange(12.0).reshape(3, 4),
     ("jpeg", "q5"): np.arange(12.0).reshape(3, 4) ** 1.5,
     ("jpeg", "q9"): np.ones((1, 4)),  # 1 patch: no covariance
   }
-  dataset = runner.fid_kid(feats, subset_size=3, subsets=4)
+  dataset = measure.fid_kid(feats, subset_size=3, subsets=4)
   assert np.isfinite(dataset[("jpeg", "q5")]["fid"])
   assert math.isnan(dataset[("jpeg", "q9")]["fid"])
   assert math.isnan(dataset[("jpeg", "q9")]["kid"])

@@ -4,7 +4,6 @@ grain data path gives the threaded Loader's batches."""
 import logging
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +12,7 @@ from cdc_jax.data.grain_pipeline import GrainLoader
 from cdc_jax.data.loader import Loader
 from cdc_jax.data.pipeline import make_loader
 from cdc_jax.data.sources import ImageFolderSource
+from configs import common
 
 SCREEN_LOGGER = "cdc_jax.data.screen"
 CROP = 16
@@ -195,12 +195,11 @@ def test_other_errors_are_raised_not_skipped():
 
 
 def _config(root, **data):
-  return ml_collections.ConfigDict(
-    dict(
-      data=dict(name="folder", path=root, crop_size=CROP, **data),
-      train=dict(batch_size=6, seed=7),
-    )
-  )
+  """The run config's defaults, with this test's data and batch."""
+  c = common.base_config()
+  c.data.update(dict(name="folder", path=root, crop_size=CROP, **data))
+  c.train.update(dict(batch_size=6, seed=7))
+  return c
 
 
 def test_make_loader_picks_the_path(messy):

@@ -20,7 +20,7 @@ from PIL import Image
 from cdc_jax import diffusion, testing, train, train_config
 from cdc_jax.convert import lpips as conv_lpips
 from cdc_jax.data.sources import HELD_OUT
-from cdc_jax.eval import held_out, metrics
+from cdc_jax.eval import datasets, during_training, metrics
 from cdc_jax.imageio import to_float
 from cdc_jax.models import lpips as lp
 from cdc_jax.models.cdc import from_config
@@ -48,22 +48,22 @@ def lpips_alex(tmp_path_factory):
 
 
 def test_eval_images_default_and_folder(tmp_path):
-  (name, img), *rest = held_out.eval_images("", 4)
+  (name, img), *rest = datasets.eval_images("", 4)
   assert name == HELD_OUT and not rest
-  np.testing.assert_array_equal(img, held_out.held_out_image())
+  np.testing.assert_array_equal(img, datasets.held_out_image())
   data = _folder(tmp_path / "d", [(70, 90), (80, 66), (100, 100)])
-  got = held_out.eval_images(data, 2)
+  got = datasets.eval_images(data, 2)
   assert [n for n, _ in got] == ["00.png", "01.png"]  # sorted, first 2
-  crops = held_out.crop_set([i for _, i in got], 256, 32)
+  crops = datasets.crop_set([i for _, i in got], 256, 32)
   assert crops.shape == (2, 64, 64, 3)  # min side 66 -> 64, one shape
   np.testing.assert_array_equal(crops[0], got[0][1][3:67, 13:77])
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="contains no images"):
-    held_out.eval_images(str(tmp_path / "empty"), 2)
+    datasets.eval_images(str(tmp_path / "empty"), 2)
   with pytest.raises(ValueError, match="max_images"):
-    held_out.eval_images(data, 0)
+    datasets.eval_images(data, 0)
   with pytest.raises(ValueError, match="downsampling factor 96"):
-    held_out.crop_set([i for _, i in got], 256, 96)
+    datasets.crop_set([i for _, i in got], 256, 96)
 
 
 def test_set_evaluator_matches_the_metrics(lpips_alex):
@@ -73,9 +73,9 @@ def test_set_evaluator_matches_the_metrics(lpips_alex):
   params = testing.random_params(model)
   sampler = Sampler(model, diffusion.make_schedule("linear", 20000))
   img = testing.photo("astronaut", (80, 72), 100, 200)
-  crops = held_out.crop_set([img], 64, model.downsampling_factor)
+  crops = datasets.crop_set([img], 64, model.downsampling_factor)
   _, lp_params = lpips_alex
-  ev = held_out.SetEvaluator(sampler, crops, 2, 0.8, lp_params)
+  ev = during_training.SetEvaluator(sampler, crops, 2, 0.8, lp_params)
   means, first = ev(params)
   assert set(means) == {"psnr", "bpp", "lpips"}  # 64 px: no MS-SSIM
   assert first.shape == (64, 64, 3) and first.dtype == np.uint8
@@ -94,8 +94,8 @@ def test_set_evaluator_ms_ssim_from_161_px():
   model = testing.tiny_model("eps")
   params = testing.random_params(model)
   sampler = Sampler(model, diffusion.make_schedule("linear", 20000))
-  crops = held_out.crop_set([testing.photo("astronaut", (200, 200))], 192, 64)
-  ev = held_out.SetEvaluator(sampler, crops, 1, 0.8)
+  crops = datasets.crop_set([testing.photo("astronaut", (200, 200))], 192, 64)
+  ev = during_training.SetEvaluator(sampler, crops, 1, 0.8)
   means, first = ev(params)
   assert set(means) == {"psnr", "bpp", "ms_ssim"}
   want = metrics.ms_ssim(crops[0], first)
@@ -132,13 +132,13 @@ def test_evaluator_from_config(tmp_path, lpips_alex):
   data = _folder(tmp_path / "held", [(80, 96), (72, 90), (90, 90)])
   c = _config(data, lpips_alex[0])
   model = from_config(c.model)
-  measure = train._make_evaluator(c, model, train._load_lpips(c)).measure
+  measure = during_training.from_config(c, model, train._load_lpips(c))
   assert measure.crops.shape == (2, 64, 64, 3)
   assert lp.net_of(measure.lpips_params) == "alex"
-  measure = train._make_evaluator(_config("", ""), model).measure
+  measure = during_training.from_config(_config("", ""), model)
   assert measure.crops.shape == (1, 64, 64, 3) and measure.lpips_params is None
   with pytest.raises(ValueError, match="missing"):
-    train._make_evaluator(_config(str(tmp_path / "missing"), ""), model)
+    during_training.from_config(_config(str(tmp_path / "missing"), ""), model)
   bad = _config("", str(tmp_path / "none.npz"))
   with pytest.raises(train_config.TrainingError, match="none.npz"):
     train._load_lpips(bad)
@@ -167,14 +167,14 @@ def test_set_evaluator_decodes_with_its_sampler():
   model = testing.tiny_model("x")
   params = testing.random_params(model)
   decoder = Sampler(model, diffusion.make_schedule("cosine", 8193))
-  crops = held_out.crop_set([testing.photo("coffee", (64, 64))], 64, 64)
+  crops = datasets.crop_set([testing.photo("coffee", (64, 64))], 64, 64)
   got = {}
   for name in ("ddim", "dpmpp2m"):
-    ev = held_out.SetEvaluator(decoder, crops, 3, 0.8, sampler=name)
+    ev = during_training.SetEvaluator(decoder, crops, 3, 0.8, sampler=name)
     _, got[name] = ev(params)
     x = to_float(crops)
     rec, _ = decoder.reconstruct(params, x, ev._x_init, 3, sampler=name)
-    want = np.asarray(held_out._to_uint8(rec)[0])
+    want = np.asarray(during_training._to_uint8(rec)[0])
     # One jitted graph vs another: a pixel may round the other way.
     assert np.abs(got[name].astype(int) - want.astype(int)).max() <= 1
   assert np.abs(got["ddim"].astype(int) - got["dpmpp2m"].astype(int)).max() > 2

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tiny_training
 
-from cdc_jax import checkpoint, model_dir, optim, sharding, train
+from cdc_jax import checkpoint, model_dir, optim, sharding, train, train_config
 from cdc_jax.data.loader import Loader
 from cdc_jax.data.sources import EmbeddedSource
-from cdc_jax.train import TrainingError
+from cdc_jax.train_config import TrainingError
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,14 @@ def tiny():
 
 def test_validate_config():
   c = tiny_training.config()
-  train.validate_config(c)
+  train_config.validate_config(c)
   c.diffusion.aux_weight = 0.9
   with pytest.raises(TrainingError, match="aux_weight"):
-    train.validate_config(c)
+    train_config.validate_config(c)
   c = tiny_training.config()
   c.data.crop_size = 96
   with pytest.raises(TrainingError, match="multiple of 64"):
-    train.validate_config(c)
+    train_config.validate_config(c)
 
 
 def _loop_config(num_steps):

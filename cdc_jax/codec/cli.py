@@ -202,6 +202,15 @@ def _add_limits(p: argparse.ArgumentParser, decoding: bool):
   )
 
 
+def _add_paths(p: argparse.ArgumentParser, source: str, target: str) -> None:
+  """--model, then the input and output paths."""
+  p.add_argument(
+    "--model", required=True, help="model directory or training workdir"
+  )
+  p.add_argument("input", help=source)
+  p.add_argument("output", help=target)
+
+
 def _add_decompress(sub) -> None:
   d = sub.add_parser(
     "decompress",
@@ -209,11 +218,7 @@ def _add_decompress(sub) -> None:
     description="Decompress a .cdcj file to a PNG, with the model that "
     "compressed it.",
   )
-  d.add_argument(
-    "--model", required=True, help="model directory or training workdir"
-  )
-  d.add_argument("input", help="input .cdcj file")
-  d.add_argument("output", help="output PNG")
+  _add_paths(d, "input .cdcj file", "output PNG")
   d.add_argument(
     "--precision",
     choices=codec.PRECISIONS,
@@ -239,11 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     "RGBA, palette and 16-bit inputs become 8-bit RGB) to a .cdcj file. "
     "Prints the real bpp (file bytes * 8 / pixels) and the model's estimate.",
   )
-  c.add_argument(
-    "--model", required=True, help="model directory or training workdir"
-  )
-  c.add_argument("input", help="input image")
-  c.add_argument("output", help="output .cdcj file")
+  _add_paths(c, "input image", "output .cdcj file")
   c.add_argument(
     "--steps",
     type=int,

@@ -47,7 +47,7 @@ import numpy as np
 from absl import flags
 
 from cdc_jax.data import shard
-from cdc_jax.data.loader import CACHE_MAX_ITEMS, random_crop
+from cdc_jax.data.loader import random_crop
 from cdc_jax.data.screen import Screen, Skipped
 from cdc_jax.data.sources import Source
 from cdc_jax.imageio import ImageError
@@ -213,17 +213,12 @@ class GrainLoader(Iterator[np.ndarray]):
       worker_count: grain worker processes (0: none, a thread here).
       prefetch: batches each worker (or the thread) prepares ahead.
     """
-    shard.check_args(
-      source, batch_size, crop_size, process_index, process_count
-    )
     if worker_count < 0:
       raise ValueError(f"worker_count must be >= 0, got {worker_count}")
-    self.source = source
-    self.indices, where = shard.process_shard(
-      source, process_index, process_count
+    self.indices, where, cache = shard.open_shard(
+      source, batch_size, crop_size, process_index, process_count, cache
     )
-    if cache is None:
-      cache = len(source) <= CACHE_MAX_ITEMS
+    self.source = source
     args = (source, self.indices, batch_size, crop_size, seed, process_index)
     self._args = (*args, cache)
     self._maker = _BatchMaker(*self._args)  # batch_at, in this thread

@@ -18,9 +18,7 @@ from cdc_jax.data.screen import Screen, Skipped
 from cdc_jax.data.sources import Source
 from cdc_jax.imageio import ImageError
 
-# Sources with at most this many items are decoded once and kept in
-# memory by ``Loader``.
-CACHE_MAX_ITEMS = 64
+CACHE_MAX_ITEMS = shard.CACHE_MAX_ITEMS
 
 
 def random_crop(
@@ -127,8 +125,8 @@ class Loader(Iterator[np.ndarray]):
       cache: keep decoded images in memory; default: when the source
         has at most ``CACHE_MAX_ITEMS`` items.
     """
-    shard.check_args(
-      source, batch_size, crop_size, process_index, process_count
+    self.indices, where, cache = shard.open_shard(
+      source, batch_size, crop_size, process_index, process_count, cache
     )
     self.source = source
     self.batch_size = batch_size
@@ -137,11 +135,6 @@ class Loader(Iterator[np.ndarray]):
     self.process_index = process_index
     self.process_count = process_count
     self.step = start_step
-    self.indices, where = shard.process_shard(
-      source, process_index, process_count
-    )
-    if cache is None:
-      cache = len(source) <= CACHE_MAX_ITEMS
     self._screen = Screen(source, self.indices, crop_size, cache, where)
     self._prefetch = max(1, prefetch)
     self._queue: queue.Queue | None = None

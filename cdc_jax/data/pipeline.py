@@ -10,7 +10,15 @@
   for data sets whose decoding one thread cannot keep up with.
 
 Both give the same batches (batch k is a function of the seed, the
-process and k only) through the same interface, ``BatchIterator``.
+process and k only) through the same interface, ``BatchIterator``, and
+share everything but who builds a batch: the arguments and the shard
+(``data.shard.open_shard``), the crop (``loader.random_crop``), the
+skipping of unusable files (``data.screen``). Why two: the threaded
+loader checks the files it has not drawn yet while its queue is full, so
+a data set too large for random draws to cover still gets its "skipped N
+of M files" summary after one pass, and it needs no picklable source;
+grain's workers build batches in other processes, where such a survey
+cannot report back until a draw reaches each file.
 """
 
 from __future__ import annotations

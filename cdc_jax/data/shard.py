@@ -12,6 +12,29 @@ import logging
 
 logger = logging.getLogger(__name__)
 
+# Sources with at most this many items are decoded once and kept in
+# memory by the loaders (their ``cache=None``).
+CACHE_MAX_ITEMS = 64
+
+
+def open_shard(
+  source,
+  batch_size: int,
+  crop_size: int,
+  process_index: int,
+  count: int,
+  cache: bool | None,
+):
+  """What both loaders set up first: the arguments checked
+  (``check_args``), this process's shard (``process_shard``) and whether
+  to keep decoded images (``cache``; None: small sources only). Returns
+  (indices, label, cache)."""
+  check_args(source, batch_size, crop_size, process_index, count)
+  indices, label = process_shard(source, process_index, count)
+  if cache is None:
+    cache = len(source) <= CACHE_MAX_ITEMS
+  return indices, label, cache
+
 
 def check_args(
   source, batch_size: int, crop_size: int, process_index: int, count: int

@@ -26,8 +26,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from cdc_jax.data.sources import find_images
-from cdc_jax.errors import UserError
+from cdc_jax.data.sources import (
+  HELD_OUT,
+  ImageFolderSource,
+  embedded_images,
+  find_images,
+)
+from cdc_jax.errors import SettingError, UserError
 from cdc_jax.imageio import load_image
 
 
@@ -44,6 +49,7 @@ def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def center_crop(img: np.ndarray, height: int, width: int) -> np.ndarray:
+  """The central ``height`` x ``width`` window of ``img``."""
   h, w = img.shape[:2]
   if h < height or w < width:
     raise ValueError(f"cannot crop {width}x{height} from {w}x{h}")
@@ -173,3 +179,47 @@ def images(
       f"{path}: none of the {len(files)} images qualifies for {name} "
       f"({ds.description})"
     )
+
+
+def held_out_image() -> np.ndarray:
+  """The embedded held-out photo (``data.sources.HELD_OUT``, never in the
+  embedded training set), whole, uint8 [H, W, 3]."""
+  return dict(embedded_images())[HELD_OUT]
+
+
+def held_out() -> list[tuple[str, np.ndarray]]:
+  """The held-out set of the main job's report and of ``evaluate
+  --dataset held_out``: that one photo."""
+  return [(f"{HELD_OUT} (held out)", held_out_image())]
+
+
+def eval_images(data: str = "", max_images: int = 4):
+  """The set measured during training, as (name, uint8 [H, W, 3]):
+  ``data`` empty -> the held-out photo alone; else the first
+  ``max_images`` images (sorted by path) of the folder ``data``.
+
+  Raises:
+    DataError: not a folder, or no images; SettingError:
+      ``max_images`` < 1.
+    cdc_jax.imageio.ImageError: an image cannot be read.
+  """
+  if not data:
+    return [(HELD_OUT, held_out_image())]
+  if max_images < 1:
+    raise SettingError(f"eval.max_images={max_images} must be >= 1")
+  files = ImageFolderSource(data).files[:max_images]
+  return [(os.path.relpath(f, data), load_image(f)) for f in files]
+
+
+def crop_set(images, size: int, factor: int) -> np.ndarray:
+  """Central squares of one side for all ``images`` (one shape: one
+  compile): ``min(size, every image's shorter side)`` rounded down to a
+  multiple of ``factor``; uint8 [N, s, s, 3]."""
+  side = min([size] + [min(img.shape[:2]) for img in images])
+  side = side // factor * factor
+  if side <= 0:
+    raise SettingError(
+      f"eval crops: the smallest image side or eval.size ({size}) is under "
+      f"the model's downsampling factor {factor}"
+    )
+  return np.stack([center_crop(img, side, side) for img in images])

@@ -35,9 +35,10 @@ import os
 
 from cdc_jax import codec, files, samplers
 from cdc_jax.errors import SettingError
-from cdc_jax.eval import baselines, fid, report, runner
+from cdc_jax.eval import baselines, fid, measure, report
 from cdc_jax.eval.ms_ssim import min_side
 from cdc_jax.imageio import write_atomic
+from cdc_jax.models import lpips
 
 
 @dataclasses.dataclass
@@ -67,8 +68,8 @@ class Options:
 LPIPS_HINT = (
   "LPIPS: not measured; pass --lpips-weights FILE.npz "
   "(--config.diffusion.lpips_weights in the main job): the lpips_vgg.npz "
-  "that python -m cdc_jax.convert writes for a rho > 0 checkpoint, or one "
-  "written by python -m cdc_jax.convert.lpips_cli"
+  "that python -m cdc_jax.convert checkpoint writes for a rho > 0 "
+  "checkpoint, or one written by python -m cdc_jax.convert lpips"
 )
 
 
@@ -76,7 +77,8 @@ def lpips_of(opts: Options):
   """The LPIPS scorer of ``opts.lpips_weights`` (None when unset)."""
   if not opts.lpips_weights:
     return None
-  return runner.load_lpips(opts.lpips_weights, opts.lpips_net or None)
+  params = lpips.load(opts.lpips_weights, opts.lpips_net or None)
+  return measure.lpips_scorer(params)
 
 
 def fid_hint() -> str:
@@ -154,11 +156,11 @@ def _settings(cm, opts: Options) -> list[tuple[str, int, float]]:
   return [(m, s, g) for m in opts.samplers for s in steps for g in opts.gammas]
 
 
-def measure(
+def measure_set(
   models: dict, images, opts: Options, out: str, lpips_fn=None, extractor=None
 ):
   """All rows, the grids written (first model and setting) and, with an
-  extractor, the patch features: key -> [N, d] (``runner.ORIGINALS``
+  extractor, the patch features: key -> [N, d] (``measure.ORIGINALS``
   and each (codec, setting) that gets FID); None without one."""
   usable = [
     c for c in opts.baselines if baselines.unavailable_reason(c) is None
@@ -169,17 +171,17 @@ def measure(
     files.make_output_dir(recon_dir, "reconstructions folder")
   feats, sink = None, None
   if extractor is not None:
-    feats = runner.PatchFeatures(
+    feats = measure.PatchFeatures(
       extractor, opts.fid_batch, opts.fid_patch, opts.shifted_patches
     )
     sink = feats.add_row
   rows, grids = [], []
-  for name, img in runner.progress(images, None, "images", opts.progress):
+  for name, img in measure.progress(images, None, "images", opts.progress):
     if feats is not None:
-      feats.add(runner.ORIGINALS, img)
+      feats.add(measure.ORIGINALS, img)
     first = None
     for label, cm in models.items():
-      r, recs = runner.cdc_rows(
+      r, recs = measure.cdc_rows(
         cm, label, name, img, _settings(cm, opts), lpips_fn, recon_dir
       )
       if sink is not None:
@@ -187,10 +189,10 @@ def measure(
           sink(row, rec)
       rows += r
       first = first or (r[0], recs[0])
-    rows += runner.baseline_rows(
+    rows += measure.baseline_rows(
       name, img, usable, lpips_fn, opts.qualities, sink
     )
-    near = runner.nearest_rows(name, img, usable, first[0]["bpp"], lpips_fn)
+    near = measure.nearest_rows(name, img, usable, first[0]["bpp"], lpips_fn)
     rows += near
     grids.append(_grid(out, name, img, first[1], near))
   return rows, grids, None if feats is None else feats.features()
@@ -212,7 +214,7 @@ def write_report(
   out: str, rows: list[dict], opts: Options, dataset: dict | None = None
 ) -> dict:
   """Tables, plots and BD-rates of ``rows`` into ``out``; ``dataset``
-  (``runner.fid_kid``) adds FID/KID to the summary rows of its keys."""
+  (``measure.fid_kid``) adds FID/KID to the summary rows of its keys."""
   report.write_rows(rows, os.path.join(out, "per_image"))
   summary = report.summarize(rows)
   report.add_dataset_metrics(summary, dataset or {})
@@ -243,27 +245,29 @@ def evaluate(
 ):
   """Runs everything; returns the summary rows and the written paths.
 
-  ``lpips_fn`` (``runner.lpips_scorer``) overrides ``opts.lpips_weights``
+  ``lpips_fn`` (``measure.lpips_scorer``) overrides ``opts.lpips_weights``
   and ``extractor`` (``fid.Extractor`` or a stand-in) overrides
   ``opts.inception_weights``; weights are loaded before any decoding, so
   a bad file fails at once (``LPIPSWeightsError``,
   ``InceptionWeightsError``: one line). With FID, ``result["fid"]`` is
   what ``fid_kid.json`` holds and ``result["fid_features"]`` the
-  features (``runner.ORIGINALS`` and (codec, setting) -> [N, d]).
+  features (``measure.ORIGINALS`` and (codec, setting) -> [N, d]).
   """
   check(opts)
   check_anchor(opts, models)
   lpips_fn = lpips_fn or lpips_of(opts)
   extractor = extractor or inception_of(opts)
   files.make_output_dir(out, "report folder")
-  rows, grids, feats = measure(models, images, opts, out, lpips_fn, extractor)
+  rows, grids, feats = measure_set(
+    models, images, opts, out, lpips_fn, extractor
+  )
   if not rows:
     raise SettingError("no image was evaluated (the dataset is empty)")
   dataset = None
   if feats is not None:
-    dataset = runner.fid_kid(
+    dataset = measure.fid_kid(
       feats,
-      runner.ORIGINALS,
+      measure.ORIGINALS,
       opts.kid_subset_size,
       opts.kid_subsets,
       bar=opts.progress,
@@ -271,6 +275,7 @@ def evaluate(
   result = write_report(out, rows, opts, dataset)
   result["grids"] = grids
   result["rows"] = rows
+  result["out"] = out
   result["notes"] = notes(rows)
   if feats is not None:
     result["fid"] = _fid_info(feats, dataset, opts)
@@ -282,7 +287,7 @@ def evaluate(
 
 def _fid_info(feats: dict, dataset: dict, opts: Options) -> dict:
   """The protocol, patch counts, note and per-setting FID/KID."""
-  n = len(feats[runner.ORIGINALS])
+  n = len(feats[measure.ORIGINALS])
   size = opts.fid_patch
   tiling = f"{size}x{size} tiles at stride {size}"
   if opts.shifted_patches:
@@ -339,6 +344,23 @@ def fid_lines(result: dict) -> list[str]:
   return [result["fid"]["note"]]
 
 
+def summary_lines(result: dict, table: bool = False) -> list[str]:
+  """What a run prints: CDC vs the baselines per image (``table``: and
+  the summary table), FID/KID, notes, where the files and report are."""
+  lines = cdc_vs_baseline(result["rows"])
+  if table:
+    lines.append(report.summary_table(result["summary"]))
+  lines += fid_lines(result) + result["notes"]
+  kept = [r["file"] for r in result["rows"] if "file" in r]
+  if kept:
+    more = f" (and {len(kept) - 1} more)" if len(kept) > 1 else ""
+    lines.append(f"file: {kept[0]}{more}")
+  if result["grids"]:
+    lines.append(f"original | CDC | baselines at its bpp: {result['grids'][0]}")
+  lines.append(f"report: {os.path.abspath(result['out'])}")
+  return lines
+
+
 def cdc_vs_baseline(rows: list[dict]) -> list[str]:
   """One line per image: CDC's first setting vs each baseline at its bpp;
   ``LPIPS_HINT`` last when no row has LPIPS."""
@@ -348,7 +370,7 @@ def cdc_vs_baseline(rows: list[dict]) -> list[str]:
     by_image.setdefault(r["image"], []).append(r)
   for name, rs in by_image.items():
     cdc = next(r for r in rs if r["codec"].startswith("cdc"))
-    lines.append(f"{name}: {_describe(cdc)}")
+    lines.append(f"{name}, {cdc['codec']}: {_describe(cdc)}")
     for r in rs:
       if r["codec"].endswith("at CDC bpp"):
         lines.append(
@@ -360,7 +382,10 @@ def cdc_vs_baseline(rows: list[dict]) -> list[str]:
 
 
 def _describe(r: dict) -> str:
-  parts = [f"{r['bpp']:.4f} bpp", f"PSNR {r['psnr']:.2f} dB"]
+  parts = [f"{r['bytes']} bytes = {r['bpp']:.4f} bpp"]
+  if "estimated_bpp" in r:
+    parts[0] += f" (estimate {r['estimated_bpp']:.4f})"
+  parts.append(f"PSNR {r['psnr']:.2f} dB")
   if r.get("ms_ssim") is not None:
     parts.append(f"MS-SSIM {r['ms_ssim']:.4f}")
   if r.get("lpips") is not None:

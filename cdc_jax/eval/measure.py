@@ -1,5 +1,6 @@
-"""Runs codecs over images and measures them: one row per (image, codec,
-setting) with the real file size, the model's estimate and the metrics.
+"""Measures codecs on one image at a time: one row per (image, codec,
+setting) with the real file size, the model's estimate and the metrics
+(``cdc_jax.eval.pipeline`` runs them over a set and writes the report).
 
 CDC rows come from real ``.cdcj`` files (``cdc_jax.codec``), one per
 (model, decode steps S, gamma); baseline rows from Pillow's JPEG, WebP
@@ -50,13 +51,6 @@ def lpips_scorer(params):
     return float(dist(params, x, y)[0])
 
   return lpips_fn
-
-
-def load_lpips(path: str, net: str | None = None):
-  """``lpips_scorer(models.lpips.load(path, net))``: the scorer of an
-  LPIPS ``.npz``. Raises ``LPIPSWeightsError`` (a ValueError) whose
-  one-line message names the file."""
-  return lpips_scorer(lp.load(path, net))
 
 
 def quality_metrics(img, rec, lpips_fn=None) -> dict:
