@@ -32,9 +32,16 @@ from typing import Any
 import numpy as np
 
 from cdc_jax import files
-from cdc_jax.convert.errors import ConversionError, listing
+from cdc_jax.convert.errors import ConversionError
 from cdc_jax.convert.torch_checkpoint import load_torch_checkpoint
-from cdc_jax.convert.transforms import CONV, SAME, Row, shape_of, to_numpy
+from cdc_jax.convert.transforms import (
+  CONV,
+  SAME,
+  Row,
+  convert_table,
+  key_problems,
+  shape_of,
+)
 from cdc_jax.models import inception as inc
 from cdc_jax.models.inception import InceptionWeightsError, fetch_hint
 from cdc_jax.models.weights import is_npz
@@ -101,25 +108,12 @@ def variables_from_state_dict(
   """
   state = _clean(state, what)
   rows = table()
-  missing = [r.torch_key for r, _ in rows if r.torch_key not in state]
-  wanted = {r.torch_key for r, _ in rows}
-  unexpected = sorted(k for k in state if k not in wanted)
-  if missing or unexpected:
-    parts = [f"missing {listing(missing)}"] if missing else []
-    parts += [f"unexpected {listing(unexpected)}"] if unexpected else []
+  problems = key_problems(state, rows)
+  if problems:
     raise InceptionWeightsError(
-      f"{what}: not the FID InceptionV3 weights ({'; '.join(parts)}); "
-      f"{fetch_hint()}"
+      f"{what}: not the FID InceptionV3 weights ({problems}); {fetch_hint()}"
     )
-  out = {}
-  for row, shape in rows:
-    want, got = row.transform.torch_shape(shape), shape_of(state[row.torch_key])
-    if got != want:
-      raise InceptionWeightsError(
-        f"{what}: {row.torch_key} has shape {got}, expected {want}"
-      )
-    a = to_numpy(state[row.torch_key]).astype(np.float32)
-    out[row.flax_path] = np.ascontiguousarray(row.transform.to_flax(a))
+  out = convert_table(state, rows, what, InceptionWeightsError)
   inc.check_finite(out, what)
   return out
 

@@ -26,9 +26,15 @@ from typing import Any
 import numpy as np
 
 from cdc_jax import files, model_dir
-from cdc_jax.convert.errors import ConversionError, listing
+from cdc_jax.convert.errors import ConversionError
 from cdc_jax.convert.torch_checkpoint import load_torch_checkpoint
-from cdc_jax.convert.transforms import CONV, SAME, Row, shape_of, to_numpy
+from cdc_jax.convert.transforms import (
+  CONV,
+  SAME,
+  Row,
+  convert_table,
+  key_problems,
+)
 from cdc_jax.models import lpips as lp
 from cdc_jax.models.lpips import LPIPSWeightsError
 
@@ -69,23 +75,10 @@ def lin_table(net: str) -> list[tuple[Row, tuple[int, ...]]]:
 
 def _apply(state: Mapping[str, Any], table, what: str) -> dict:
   """Checks ``state`` has exactly the table's keys and shapes; converts."""
-  wanted = {r.torch_key for r, _ in table}
-  missing = [r.torch_key for r, _ in table if r.torch_key not in state]
-  unexpected = sorted(k for k in state if k not in wanted)
-  if missing or unexpected:
-    parts = [f"missing {listing(missing)}"] if missing else []
-    parts += [f"unexpected {listing(unexpected)}"] if unexpected else []
-    raise LPIPSWeightsError(f"{what}: " + "; ".join(parts))
-  out = {}
-  for row, shape in table:
-    want, got = row.transform.torch_shape(shape), shape_of(state[row.torch_key])
-    if got != want:
-      raise LPIPSWeightsError(
-        f"{what}: {row.torch_key} has shape {got}, expected {want}"
-      )
-    a = to_numpy(state[row.torch_key]).astype(np.float32)
-    out[row.flax_path] = np.ascontiguousarray(row.transform.to_flax(a))
-  return out
+  problems = key_problems(state, table)
+  if problems:
+    raise LPIPSWeightsError(f"{what}: {problems}")
+  return convert_table(state, table, what, LPIPSWeightsError)
 
 
 _SLICE_KEY = re.compile(r"^(?:net\.)?slice\d+\.(\d+)\.(weight|bias)$")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cdc_jax.models.weights import listing
+
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
@@ -93,3 +95,29 @@ def to_numpy(v) -> np.ndarray:
       v = v.float()
     return v.numpy()
   return np.asarray(v)
+
+
+def key_problems(state, table) -> str:
+  """ "missing ...; unexpected ..." when ``state``'s keys are not exactly
+  the torch keys of ``table`` ((Row, Flax shape) pairs); "" when they
+  are."""
+  wanted = {r.torch_key for r, _ in table}
+  missing = [r.torch_key for r, _ in table if r.torch_key not in state]
+  unexpected = sorted(k for k in state if k not in wanted)
+  parts = [f"missing {listing(missing)}"] if missing else []
+  parts += [f"unexpected {listing(unexpected)}"] if unexpected else []
+  return "; ".join(parts)
+
+
+def convert_table(state, table, what: str, error) -> dict[str, np.ndarray]:
+  """Flax path -> float32 array for every (Row, Flax shape) of ``table``
+  from the torch ``state`` (keys checked by the caller); ``error`` (an
+  exception class) when a tensor's shape is not the row's."""
+  out = {}
+  for row, shape in table:
+    want, got = row.transform.torch_shape(shape), shape_of(state[row.torch_key])
+    if got != want:
+      raise error(f"{what}: {row.torch_key} has shape {got}, expected {want}")
+    a = to_numpy(state[row.torch_key]).astype(np.float32)
+    out[row.flax_path] = np.ascontiguousarray(row.transform.to_flax(a))
+  return out
