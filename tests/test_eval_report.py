@@ -90,3 +90,10 @@ def test_grid(tmp_path):
   out = np.asarray(Image.open(report.grid(str(tmp_path / "g.png"), [a, b])))
   assert out.shape == (4, 3 + 4 + 5, 3)
   assert out[3, 8, 0] == 255 and out[1, 8, 0] == 9
+
+
+def test_file_stem_is_a_plain_file_name():
+  assert report.file_stem("sub/kodim01.png") == "sub_kodim01"
+  assert report.file_stem("chelsea (held out)") == "chelsea_held_out"
+  assert report.file_stem("a.b.png") == "a.b"
+  assert report.file_stem("()") == "image"

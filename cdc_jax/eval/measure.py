@@ -26,7 +26,7 @@ import numpy as np
 from cdc_jax import codec
 from cdc_jax.eval import baselines, fid, metrics
 from cdc_jax.eval.ms_ssim import min_side
-from cdc_jax.eval.report import cdc_name
+from cdc_jax.eval.report import cdc_name, file_stem
 from cdc_jax.imageio import save_png, to_float, write_atomic
 from cdc_jax.models import lpips as lp
 
@@ -97,7 +97,7 @@ def cdc_rows(
       **quality_metrics(img, rec, lpips_fn),
     }
     if recon_dir is not None:
-      stem = os.path.splitext(name.replace(os.sep, "_"))[0]
+      stem = file_stem(name)
       tag = "" if sampler == "ddim" else f".{sampler}"
       path = os.path.join(recon_dir, f"{stem}.{label}{tag}.S{steps}")
       write_atomic(path + ".cdcj", res.data)

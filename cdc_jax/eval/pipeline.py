@@ -206,8 +206,8 @@ def _grid(out: str, name: str, img, rec, near: list[dict]) -> str:
   for r in near:
     c = r["codec"].split()[0]
     parts.append(baselines.decode(baselines.encode(img, c, r["quality"])))
-  stem = os.path.splitext(name.replace(os.sep, "_"))[0]
-  return report.grid(os.path.join(grid_dir, f"{stem}.png"), parts)
+  path = os.path.join(grid_dir, f"{report.file_stem(name)}.png")
+  return report.grid(path, parts)
 
 
 def write_report(

@@ -16,6 +16,8 @@ import csv
 import io
 import json
 import math
+import os
+import re
 import warnings
 from collections import defaultdict
 
@@ -32,6 +34,13 @@ METRICS = {
   "lpips": ("LPIPS", False),
   "fid": ("FID", False),
 }
+
+
+def file_stem(image: str) -> str:
+  """A file name for what is written per image: ``sub/kodim01.png`` ->
+  ``sub_kodim01``, ``chelsea (held out)`` -> ``chelsea_held_out``."""
+  stem = os.path.splitext(image)[0]
+  return re.sub(r"[^\w.-]+", "_", stem).strip("_") or "image"
 
 
 def write_rows(rows: list[dict], path_stem: str) -> tuple[str, str]:
