@@ -113,7 +113,7 @@ def run_config(spec: str, sizes, steps: int) -> dict:
       row = run_child(MODULE, "--measure", tmp, f"{h}x{w}")
       hp, wp = codec.padded_size(h, w, model.downsampling_factor)
       row["pixels"] = hp * wp
-      row["estimate"] = codec.limits.decode_memory(model, h, w)
+      row["estimate"] = codec.memory.decode_memory(model, h, w)
       rows.append(row)
       print(
         f"  {w}x{h} ({hp * wp:,} padded px): after load "
@@ -127,7 +127,7 @@ def run_config(spec: str, sizes, steps: int) -> dict:
     a, b = line_fit([r["pixels"] for r in rows], [r[key] for r in rows])
     fits[key] = (a, b)
     print(f"  {key}: {a:,.0f} bytes/pixel + {b / 1e6:,.0f} MB")
-  est = codec.limits.bytes_per_pixel(model)
+  est = codec.memory.bytes_per_pixel(model)
   print(f"  codec.limits estimate: {est:,.0f} bytes/pixel")
   return {"spec": spec, "rows": rows, "fits": fits}
 

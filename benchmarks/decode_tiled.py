@@ -195,7 +195,7 @@ def decode(model: str, workdir: str, variant: str):
   np.save(os.path.join(workdir, f"{variant}.npy"), img)
   from cdc_jax.codec import tiling
 
-  est = codec.limits.decode_memory(
+  est = codec.memory.decode_memory(
     cm.model, header.height, header.width, tile=tiling.tile_of(header)
   )
   print(
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.encode:
     model, workdir, variants, steps, budget, zeros = args.encode
-    from cdc_jax.codec.limits import parse_size
+    from cdc_jax.codec.memory import parse_size
 
     budget = None if budget == "none" else parse_size(budget)
     variants = variants.split(",")

@@ -62,7 +62,7 @@ def child(mode: str, model: str, size: str, tile: str, budget: str):
 
   from cdc_jax import codec
   from cdc_jax.codec import tiled_analysis
-  from cdc_jax.codec.limits import parse_size
+  from cdc_jax.codec.memory import parse_size
   from cdc_jax.imageio import to_float
 
   h, w = (int(v) for v in size.split("x"))

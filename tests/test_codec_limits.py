@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from cdc_jax import codec, sample, testing
-from cdc_jax.codec import cli, decompress_many, limits
+from cdc_jax.codec import cli, decompress_many, memory
 from cdc_jax.coding import container
 
 STEPS = 2
@@ -178,11 +178,11 @@ def test_huge_valid_file_is_refused_before_decoding(guarded, huge_file):
     codec.decompress(guarded, huge_file)
   # Allowed by --max-pixels, the memory estimate still refuses a small
   # budget, and names its estimate.
-  need = limits.decode_memory(guarded.model, 8192, 8192)
+  need = memory.decode_memory(guarded.model, 8192, 8192)
   with pytest.raises(codec.CodecError) as err:
     codec.decompress(guarded, huge_file, max_pixels=2**28, max_memory=1e9)
   msg = str(err.value)
-  assert f"decoding 8192x8192 whole needs about {limits.fmt_bytes(need)}" in (
+  assert f"decoding 8192x8192 whole needs about {memory.fmt_bytes(need)}" in (
     msg
   )
   assert "x 67,108,864 padded pixels), more than the budget (1.0 GB; " in msg
@@ -221,23 +221,23 @@ def test_headers_within_the_limits_pass(fields, kw, guarded, small_file):
 
 
 def test_default_memory_budget_is_the_machine_memory(guarded, small_file):
-  avail = limits.machine_memory()
+  avail = memory.machine_memory()
   assert avail is not None and 0 < avail < 2**50
   # A stable quantity: the physical memory (or a cgroup limit), not what
   # is free now; the same on every call.
   with open("/proc/meminfo") as f:
     total = int(f.read().split("MemTotal:")[1].split()[0]) * 1024
-  assert avail <= total and limits.machine_memory() == avail
+  assert avail <= total and memory.machine_memory() == avail
   assert _passes_limits(guarded, small_file)  # a 50x60 decode fits
   blob = _craft(small_file, height=16384, width=16384)
-  need = limits.decode_memory(guarded.model, 16384, 16384)
+  need = memory.decode_memory(guarded.model, 16384, 16384)
   assert need > 16384**2 * 100  # the tiny model: >= 100 bytes per pixel
   if need > avail:  # this machine: refused, naming the machine's memory
     with pytest.raises(codec.CodecError, match="than the machine's memory"):
       codec.decompress(guarded, blob, max_pixels=2**28)
   else:  # a machine with more: the estimate fits
     lim = codec.Limits(max_pixels=2**28)
-    assert limits.images_per_batch(guarded.model, 16384, 16384, 1, lim) == 1
+    assert memory.images_per_batch(guarded.model, 16384, 16384, 1, lim) == 1
 
 
 def test_decompress_many_checks_every_file_first(guarded, small_file):
@@ -282,18 +282,18 @@ def test_compress_with_raised_limits_writes_what_decompress_allows(cm):
 
 def test_decode_memory_scales_with_pixels_batch_and_dtype(cm):
   m = cm.model
-  one = limits.decode_memory(m, 512, 512)
-  four = limits.decode_memory(m, 1024, 1024)
-  assert four - limits.FIXED == pytest.approx(4 * (one - limits.FIXED))
-  assert limits.decode_memory(m, 512, 512, batch=3) - limits.FIXED == (
-    pytest.approx(3 * (one - limits.FIXED))
+  one = memory.decode_memory(m, 512, 512)
+  four = memory.decode_memory(m, 1024, 1024)
+  assert four - memory.FIXED == pytest.approx(4 * (one - memory.FIXED))
+  assert memory.decode_memory(m, 512, 512, batch=3) - memory.FIXED == (
+    pytest.approx(3 * (one - memory.FIXED))
   )
   # Padded to the model's factor (64): 500 px sides cost as 512.
-  assert limits.decode_memory(m, 500, 449) == one
+  assert memory.decode_memory(m, 500, 449) == one
   half = m.clone(dtype="bfloat16")
-  assert limits.bytes_per_pixel(half) == limits.bytes_per_pixel(m) / 2
+  assert memory.bytes_per_pixel(half) == memory.bytes_per_pixel(m) / 2
   wide = m.clone(dim=64)
-  assert limits.bytes_per_pixel(wide) > 4 * limits.bytes_per_pixel(m)
+  assert memory.bytes_per_pixel(wide) > 4 * memory.bytes_per_pixel(m)
 
 
 @pytest.mark.parametrize(
@@ -308,13 +308,13 @@ def test_decode_memory_scales_with_pixels_batch_and_dtype(cm):
   ],
 )
 def test_parse_size(text, value):
-  assert limits.parse_size(text) == value
+  assert memory.parse_size(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "12X", "-1G", "0", "G"])
 def test_parse_size_refuses_nonsense(text):
   with pytest.raises(ValueError, match="size"):
-    limits.parse_size(text)
+    memory.parse_size(text)
 
 
 # -- decompress_many batches within the budget ---------------------------------
@@ -340,8 +340,8 @@ def test_decompress_many_splits_batches_to_fit_the_budget(cm, small_file):
   ]
   counting = copy.copy(cm)
   counting.sampler = _CountingSampler(cm.sampler)
-  each = limits.decode_memory(cm.model, 50, 60) - limits.FIXED
-  budget = limits.FIXED + 2.5 * each  # two images per batch fit, not three
+  each = memory.decode_memory(cm.model, 50, 60) - memory.FIXED
+  budget = memory.FIXED + 2.5 * each  # two images per batch fit, not three
   calls = []
   out = decompress_many(
     counting,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from cdc_jax import codec, testing
-from cdc_jax.codec import cli, decompress_many, limits, tiling
+from cdc_jax.codec import cli, decompress_many, memory, tiling
 from cdc_jax.coding import container, range_coder
 from cdc_jax.coding.errors import BitstreamError
 from cdc_jax.models.cdc import CDC, init_params
@@ -333,18 +333,18 @@ def test_malformed_v2_layout_is_a_codec_error(guarded, files):
 
 def test_memory_estimate_of_a_tiled_file_is_per_tile():
   model = CDC()  # the full eps model
-  whole = limits.decode_memory(model, 2160, 3840)
-  tiled = limits.decode_memory(model, 2160, 3840, tile=(512, 512))
-  per_tile = 512 * 512 * limits.bytes_per_pixel(model)
-  image = 2176 * 3840 * limits.whole_image_bytes(model)
-  assert tiled == pytest.approx(limits.FIXED_TILED + per_tile + image)
+  whole = memory.decode_memory(model, 2160, 3840)
+  tiled = memory.decode_memory(model, 2160, 3840, tile=(512, 512))
+  per_tile = 512 * 512 * memory.bytes_per_pixel(model)
+  image = 2176 * 3840 * memory.whole_image_bytes(model)
+  assert tiled == pytest.approx(memory.FIXED_TILED + per_tile + image)
   assert tiled < whole / 5
   # The tile's part does not grow with the image; the whole-image arrays do.
-  bigger = limits.decode_memory(model, 4320, 7680, tile=(512, 512))
+  bigger = memory.decode_memory(model, 4320, 7680, tile=(512, 512))
   assert bigger - tiled == pytest.approx(3 * image, rel=0.01)
   # A tile larger than the image counts as the (padded) image.
-  assert limits.decode_memory(model, 50, 60, tile=(1024, 1024)) == (
-    pytest.approx(limits.decode_memory(model, 64, 64, tile=(64, 64)))
+  assert memory.decode_memory(model, 50, 60, tile=(1024, 1024)) == (
+    pytest.approx(memory.decode_memory(model, 64, 64, tile=(64, 64)))
   )
 
 
@@ -361,7 +361,7 @@ def test_context_floats_match_the_context_maps(cm):
       y,
     )
     floats = sum(np.prod(m.shape) for m in maps) / (64 * 64)
-    assert limits.context_floats(model) == floats
+    assert memory.context_floats(model) == floats
 
 
 def test_budget_decides_between_whole_and_tiled(
@@ -372,8 +372,8 @@ def test_budget_decides_between_whole_and_tiled(
   monkeypatch.setattr(range_coder, "Decoder", _Forbidden())
   size = {"height": 2048, "width": 2048}
   whole, tiled = _forge(files["whole"], **size), _forge(files["tiled"], **size)
-  need_whole = limits.decode_memory(cm.model, 2048, 2048)
-  need_tiled = limits.decode_memory(cm.model, 2048, 2048, tile=(64, 64))
+  need_whole = memory.decode_memory(cm.model, 2048, 2048)
+  need_tiled = memory.decode_memory(cm.model, 2048, 2048, tile=(64, 64))
   assert need_tiled < need_whole
   budget = (need_tiled + need_whole) / 2
   with pytest.raises(codec.CodecError) as err:
@@ -391,16 +391,16 @@ def test_budget_decides_between_whole_and_tiled(
 def test_plan_tile_auto_tiles_only_when_the_whole_decode_does_not_fit(cm):
   model, hw, padded = cm.model, (2160, 3840), (2176, 3840)
   assert tiling.plan(model, *hw, "auto", max_memory=math.inf) is None
-  whole = limits.decode_memory(model, *hw)
+  whole = memory.decode_memory(model, *hw)
   square = tiling.Layout(tiling.AUTO_TILE, tiling.AUTO_TILE, 128)
-  auto = limits.decode_memory(model, *hw, tile=square.tile)
+  auto = memory.decode_memory(model, *hw, tile=square.tile)
   assert auto < whole
   assert tiling.plan(model, *hw, "auto", max_memory=whole) is None
   budget = (auto + whole) / 2
   layout = tiling.plan(model, *hw, "auto", max_memory=budget)
   assert layout.tile_height * layout.tile_width <= tiling.AUTO_TILE**2
   assert layout.overlap == tiling.DEFAULT_OVERLAP
-  need = limits.decode_memory(model, *hw, tile=layout.tile)
+  need = memory.decode_memory(model, *hw, tile=layout.tile)
   assert need <= budget
 
   def work(lay):  # U-Net pixels per step

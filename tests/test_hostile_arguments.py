@@ -18,7 +18,7 @@ import pytest
 
 from cdc_jax import cli_errors, evaluate, files, imageio, jobs
 from cdc_jax.codec import cli as codec_cli
-from cdc_jax.codec import limits
+from cdc_jax.codec import memory
 from cdc_jax.codec.errors import check_family
 from cdc_jax.errors import SettingError, UserError
 from cdc_jax.eval import datasets, pipeline, report
@@ -346,9 +346,9 @@ def test_16_bit_pngs_are_rounded_not_truncated(channels, color_type, tmp_path):
 
 
 def test_small_memory_budgets_are_not_shown_as_zero():
-  assert limits.fmt_bytes(1) == "1 bytes"
-  assert limits.fmt_bytes(800_000) == "800 kB"
-  assert limits.fmt_bytes(16e9) == "16.0 GB"
+  assert memory.fmt_bytes(1) == "1 bytes"
+  assert memory.fmt_bytes(800_000) == "800 kB"
+  assert memory.fmt_bytes(16e9) == "16.0 GB"
 
 
 def test_evaluate_help_is_not_cut_mid_sentence():

@@ -14,7 +14,8 @@
 The modules: ``model`` (``load``: a model directory or workdir ready to
 code), ``latents`` (symbols and their tables), ``files`` (compress,
 decompress, the one decode path), ``geometry`` (padding), ``limits``
-(what a file may ask of the decoder) with its memory model, ``tiling``
+(what a file may ask of the decoder), ``memory`` (the decode's memory
+estimate and budget), ``tiling``
 (bounded-memory decoding), ``tiled_analysis`` (bounded-memory encoding),
 ``fingerprint`` (what a file's fingerprint names), ``cli``. A file decodes
 to the same symbols on every machine (docs/bitstream.md, "Decode

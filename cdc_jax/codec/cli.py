@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cdc_jax import cli_errors, codec, compile_cache, files, samplers
-from cdc_jax.codec import limits
+from cdc_jax.codec import memory
 from cdc_jax.coding import container
 from cdc_jax.imageio import ImageError, load_image, save_png, write_atomic
 
@@ -112,7 +112,7 @@ class ProgressBar:
 
 def _size(text: str) -> float:
   try:
-    return limits.parse_size(text)
+    return memory.parse_size(text)
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cdc_jax.codec.limits as limits
+import cdc_jax.codec.memory as memory
 import cdc_jax.codec.tiled_analysis as tiled_analysis
 import cdc_jax.codec.tiling as tiling
 from cdc_jax import samplers
@@ -87,21 +88,24 @@ def compress_image(
   The encoder's g_a runs in tiles (``codec.tiled_analysis``) when the
   file is tiled or a whole-image g_a would not fit ``max_memory``.
   """
-  h, w = limits.check_image(img, Limits(max_steps, max_pixels).max_pixels)
+  lim = Limits(max_steps, max_pixels, max_memory)  # checked here
+  h, w = limits.check_image(img, lim.max_pixels)
   steps = DEFAULT_STEPS[cm.family] if steps is None else steps
-  layout = tiling.plan(cm.model, h, w, tile, tile_overlap, max_memory)
+  layout = tiling.plan(cm.model, h, w, tile, tile_overlap, lim.max_memory)
   header = container.Header(
     fingerprint=cm.fingerprint,
     height=h,
     width=w,
     family=FAMILY_IDS[cm.family],
-    steps=limits.check_steps(steps, cm.schedule.timesteps, max_steps),
+    steps=limits.check_steps(steps, cm.schedule.timesteps, lim.max_steps),
     gamma=limits.check_gamma(gamma),
     seed=limits.check_seed(seed),
     sampler=_sampler_id(sampler),
     **(layout.header_fields() if layout else {}),
   )
-  at = tiled_analysis.analysis_tile(cm.model, h, w, bool(layout), max_memory)
+  at = tiled_analysis.analysis_tile(
+    cm.model, h, w, bool(layout), lim.max_memory
+  )
   x = to_float(pad_image(img, cm.downsampling_factor))[None]
   latents = encode_latents(cm, x, at)
   blob = container.pack(header, [entropy_encode(cm, latents)])
@@ -167,7 +171,7 @@ def decompress_many(
   batches = []
   for members in groups.values():
     hdr = parsed[members[0]][0]
-    n = limits.images_per_batch(
+    n = memory.images_per_batch(
       cm.model, hdr.height, hdr.width, len(members), lim, tiling.tile_of(hdr)
     )
     batches += [members[k : k + n] for k in range(0, len(members), n)]

@@ -40,7 +40,7 @@ import numpy as np
 
 from cdc_jax.codec.errors import CodecError
 from cdc_jax.codec.geometry import padded_size
-from cdc_jax.codec.limits import fmt_bytes, memory_budget
+from cdc_jax.codec.memory import fmt_bytes, memory_budget
 from cdc_jax.models.cdc import CDC
 from cdc_jax.models.entropy import quantize
 
@@ -67,7 +67,7 @@ ENC_FIXED = 250_000_000  # bytes
 ENC_WHOLE_IMAGE_BYTES = 80.0
 
 
-def bytes_per_pixel(model) -> float:
+def analysis_bytes_per_pixel(model) -> float:
   """g_a + h_a memory per padded pixel of one image for ``model``."""
   width = model.dim * model.context_dim_mults[0]
   f32 = ENC_PER_PIXEL_WIDTH * width + ENC_PER_PIXEL_BASE
@@ -86,10 +86,12 @@ def encode_memory(model, height: int, width: int, tile=None) -> float:
   f, fy = model.downsampling_factor, model.y_factor
   hp, wp = padded_size(height, width, f)
   if tile is None:
-    return ENC_FIXED + hp * wp * bytes_per_pixel(model)
+    return ENC_FIXED + hp * wp * analysis_bytes_per_pixel(model)
   crop = crop_side(tile[0], hp, fy) * crop_side(tile[1], wp, fy)
   return (
-    ENC_FIXED + crop * bytes_per_pixel(model) + hp * wp * ENC_WHOLE_IMAGE_BYTES
+    ENC_FIXED
+    + crop * analysis_bytes_per_pixel(model)
+    + hp * wp * ENC_WHOLE_IMAGE_BYTES
   )
 
 
@@ -99,7 +101,7 @@ def analysis_tile(
   """The core ``(height, width)`` in pixels of a tiled analysis, or None
   for a whole-image g_a: tiled when ``tiled`` (the file is tiled) or when
   the whole-image estimate exceeds ``max_memory`` (None: the
-  machine's memory, on CPU; as ``codec.limits.memory_budget``). The core is
+  machine's memory, on CPU; as ``codec.memory.memory_budget``). The core is
   the largest square of at most ``ANALYSIS_TILE`` pixels whose estimate
   fits; if not even the smallest does, a CodecError for an explicit
   ``max_memory``, else (the machine's memory) the smallest."""

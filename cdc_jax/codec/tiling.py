@@ -43,7 +43,7 @@ it). The decode is deterministic: fixed tile order, fixed float32 weights
 computed on the host, one device stream.
 
 Memory: one tile's U-Net activations plus a few whole-image arrays (x_t,
-the blend accumulator, the context maps): ``codec.limits.decode_memory``
+the blend accumulator, the context maps): ``codec.memory.decode_memory``
 with ``tile``.
 """
 
@@ -59,12 +59,8 @@ import numpy as np
 
 from cdc_jax import samplers
 from cdc_jax.codec.errors import CodecError
-from cdc_jax.codec.limits import (
-  decode_memory,
-  fmt_bytes,
-  memory_budget,
-  tile_problem,
-)
+from cdc_jax.codec.limits import tile_problem
+from cdc_jax.codec.memory import decode_memory, fmt_bytes, memory_budget
 from cdc_jax.models.cdc import CDC
 
 CONTEXT_MARGIN = 6  # latent pixels of y_hat around a tile for g_s
