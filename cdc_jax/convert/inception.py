@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 
 from cdc_jax import files
-from cdc_jax.convert.errors import ConversionError
-from cdc_jax.convert.torch_checkpoint import load_torch_checkpoint
+from cdc_jax.convert.torch_checkpoint import load_state_dict
 from cdc_jax.convert.transforms import (
   CONV,
   SAME,
@@ -128,14 +127,7 @@ def to_torch_state_dict(flat: Mapping[str, np.ndarray]) -> dict:
 
 def _read_pth(path: str) -> dict[str, np.ndarray]:
   what = f"InceptionV3 weights {path}"
-  try:
-    state = load_torch_checkpoint(path)
-  except ConversionError as e:
-    raise InceptionWeightsError(f"{what}: {e}") from None
-  if not isinstance(state, Mapping):
-    raise InceptionWeightsError(
-      f"{what}: not a state dict (got {type(state).__name__}); {fetch_hint()}"
-    )
+  state = load_state_dict(path, what, InceptionWeightsError, fetch_hint())
   return variables_from_state_dict(state, what)
 
 

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 
 from cdc_jax import files, model_dir
-from cdc_jax.convert.errors import ConversionError
-from cdc_jax.convert.torch_checkpoint import load_torch_checkpoint
+from cdc_jax.convert.torch_checkpoint import load_state_dict
 from cdc_jax.convert.transforms import (
   CONV,
   SAME,
@@ -136,15 +135,7 @@ def package_lins_file(net: str = "vgg") -> str:
 def _load_pth(path: str, what: str, hint: str) -> Mapping[str, Any]:
   if not os.path.isfile(path):
     raise LPIPSWeightsError(f"{what}: {path}: no such file; {hint}")
-  try:
-    state = load_torch_checkpoint(path)
-  except ConversionError as e:
-    raise LPIPSWeightsError(f"{what}: {e}") from None
-  if not isinstance(state, Mapping):
-    raise LPIPSWeightsError(
-      f"{what}: {path} is not a state dict (got {type(state).__name__})"
-    )
-  return state
+  return load_state_dict(path, what, LPIPSWeightsError)
 
 
 def params_from_torch(backbone: str, net: str = "vgg", lins: str | None = None):

@@ -79,6 +79,21 @@ def load_torch_checkpoint(path: str) -> Any:
     ) from None
 
 
+def load_state_dict(path: str, what: str, error, hint: str = "") -> Mapping:
+  """``load_torch_checkpoint``, which must give a state dict (a mapping);
+  else ``error`` (an exception class): "WHAT: why[; hint]"."""
+  tail = f"; {hint}" if hint else ""
+  try:
+    state = load_torch_checkpoint(path)
+  except ConversionError as e:
+    raise error(f"{what}: {e}{tail}") from None
+  if not isinstance(state, Mapping):
+    raise error(
+      f"{what}: {path} is not a state dict (got {type(state).__name__}){tail}"
+    )
+  return state
+
+
 def _why_unreadable(e: Exception) -> str:
   """torch's reason, without its advice to unpickle untrusted objects."""
   text = str(e)
