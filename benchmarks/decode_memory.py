@@ -17,7 +17,7 @@ a fresh process with ``codec.decompress`` (no memory check):
   above the RSS before it (VmHWM reset through /proc/self/clear_refs).
 
 Then a least-squares line through the sizes: bytes per padded pixel and
-a fixed part, for ``first`` and ``again``. ``cdc_jax.codec.limits`` holds
+a fixed part, for ``first`` and ``again``. ``cdc_jax.codec.memory`` holds
 the ``first`` fits (the conservative ones). Linux only (/proc).
 """
 
@@ -120,7 +120,7 @@ def run_config(spec: str, sizes, steps: int) -> dict:
         f"{row['loaded'] / 1e6:.0f} MB; first decode +"
         f"{row['first'] / 1e6:.0f} MB ({row['first_s']:.1f} s), again +"
         f"{row['again'] / 1e6:.0f} MB ({row['again_s']:.1f} s); "
-        f"codec.limits estimate {row['estimate'] / 1e6:.0f} MB"
+        f"codec.memory estimate {row['estimate'] / 1e6:.0f} MB"
       )
   fits = {}
   for key in ("first", "again") if len(rows) > 1 else ():
@@ -128,7 +128,7 @@ def run_config(spec: str, sizes, steps: int) -> dict:
     fits[key] = (a, b)
     print(f"  {key}: {a:,.0f} bytes/pixel + {b / 1e6:,.0f} MB")
   est = codec.memory.bytes_per_pixel(model)
-  print(f"  codec.limits estimate: {est:,.0f} bytes/pixel")
+  print(f"  codec.memory estimate: {est:,.0f} bytes/pixel")
   return {"spec": spec, "rows": rows, "fits": fits}
 
 

@@ -24,7 +24,7 @@ in a subprocess; then each file is decoded in a fresh subprocess with
 which reports its peak RSS (``ru_maxrss``), the peak above its RSS after
 ``codec.load`` (VmHWM, as benchmarks/decode_memory.py), the time of each
 step (from the progress callback; the first includes the compiles), the
-compile time and the ``codec.limits`` estimate. Variants: ``whole``,
+compile time and the ``codec.memory`` estimate. Variants: ``whole``,
 ``auto`` (``tile="auto"`` for ``--max-memory``), ``N`` or ``N:O`` (N x N
 tiles, overlap O pixels). Linux only (/proc).
 """
@@ -257,7 +257,7 @@ def report(args, workdir: str, model: str) -> dict:
       f"{'n/a' if sps is None else f'{sps:.2f}'} s/step after the first); "
       f"peak RSS {gb(row['ru_maxrss'])} (ru_maxrss), "
       f"{gb(row['peak_above_load'])} above the loaded model "
-      f"(codec.limits estimate {gb(row['estimate'])}); "
+      f"(codec.memory estimate {gb(row['estimate'])}); "
       f"PSNR vs original {row['psnr_original']:.2f} dB"
     )
   if "whole" in rows:
