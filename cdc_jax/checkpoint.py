@@ -39,6 +39,17 @@ class CheckpointError(UserError, ValueError):
   """A checkpoint that cannot be used: damaged, or of another model."""
 
 
+def savable(state):
+  """What a save hands Orbax: with one process, the host copy of the
+  state (Orbax then writes numpy arrays, instead of slicing every array
+  once per device: seconds per save for a state replicated on 8
+  devices); with several, the arrays themselves (each process writes its
+  part). Both restore the same, to any sharding."""
+  import jax
+
+  return jax.device_get(state) if jax.process_count() == 1 else state
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
 

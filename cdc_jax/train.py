@@ -245,7 +245,8 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
       if out.bar is not None:
         out.bar.update(1)
       if is_ckpt:
-        manager.save(done, args=ocp.args.StandardSave(state), force=True)
+        saved = ocp.args.StandardSave(checkpoint.savable(state))
+        manager.save(done, args=saved, force=True)
       if stop:
         manager.wait_until_finished()
         raise preemption.Preempted(done, str(manager.directory))
