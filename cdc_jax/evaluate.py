@@ -79,7 +79,12 @@ def parser() -> argparse.ArgumentParser:
     default=(),
     help="the baselines' quality grid, e.g. 10,30,50 (default: per codec)",
   )
-  p.add_argument("--save-reconstructions", action="store_true")
+  p.add_argument(
+    "--save-reconstructions",
+    action="store_true",
+    help="keep each CDC file (.cdcj) and its decoded PNG in "
+    "OUT/reconstructions",
+  )
   p.add_argument("--no-progress", action="store_true")
   _add_metric_flags(p)
   return p

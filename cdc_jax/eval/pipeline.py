@@ -5,7 +5,8 @@ baselines, and the report folder.
 ``rd_<metric>.png`` for every metric measured, ``bd_rate.json`` (against
 the anchor), ``grids/<image>.png`` (original | CDC | each baseline at the
 nearest bpp; written as each image is done) and, with
-``save_reconstructions``, the decoded PNGs.
+``save_reconstructions``, each CDC file and its decoded PNG
+(``reconstructions/``).
 
 LPIPS (column ``lpips``, lower is better, and ``rd_lpips.png``) is
 measured for every row when ``Options.lpips_weights`` names an LPIPS
