@@ -44,7 +44,9 @@ def savable(state):
   state (Orbax then writes numpy arrays, instead of slicing every array
   once per device: seconds per save for a state replicated on 8
   devices); with several, the arrays themselves (each process writes its
-  part). Both restore the same, to any sharding."""
+  part). Restoring reads either into the shardings the reader asks for
+  (tests/test_train.py resumes a single-process save on an 8-device
+  mesh, bit for bit)."""
   import jax
 
   return jax.device_get(state) if jax.process_count() == 1 else state
