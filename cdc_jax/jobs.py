@@ -81,9 +81,12 @@ def train_job(config, workdir: str) -> dict:
   return metrics
 
 
-def eval_job(config, workdir: str) -> dict:
+def eval_job(config, workdir: str) -> dict | None:
   """``--mode=eval``: the held-out report of the workdir's latest
-  checkpoint (EMA params where present, no optimizer built)."""
+  checkpoint (EMA params where present, no optimizer built). Multi-process
+  runs: process 0 alone writes it (None elsewhere)."""
+  if jax.process_index() != 0:
+    return None
   return held_out_report(config, workdir)
 
 

@@ -40,7 +40,6 @@ from tqdm import tqdm
 from cdc_jax import model_dir
 from cdc_jax.models import inception as inc
 from cdc_jax.models.inception import InceptionWeightsError, fetch_hint
-from cdc_jax.models.weights import is_npz
 
 PATCH = 256
 __all__ = [
@@ -89,12 +88,9 @@ def load_inception(path: str, precision=inc.HIGHEST) -> Extractor:
   reads it) or the torch-fidelity / pytorch-fid ``.pth`` itself
   (converted in memory by ``cdc_jax.convert.inception``; needs torch).
   Raises ``InceptionWeightsError`` (one line: the file, how to get it)."""
-  if is_npz(path):
-    flat = inc.load_variables(path)
-  else:  # a .pth, or no file: the converter reads it or says what is wrong
-    from cdc_jax.convert import inception as convert_inception
+  from cdc_jax.convert import inception as convert_inception  # torch: lazy
 
-    flat = convert_inception.load_variables(path)
+  flat = convert_inception.load_variables(path)  # .npz or .pth, by content
   variables = jax.device_put(model_dir.unflatten(flat))
   return Extractor(variables, precision)
 

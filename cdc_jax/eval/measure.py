@@ -99,7 +99,7 @@ def cdc_rows(
     if recon_dir is not None:
       stem = file_stem(name)
       tag = "" if sampler == "ddim" else f".{sampler}"
-      path = os.path.join(recon_dir, f"{stem}.{label}{tag}.S{steps}")
+      path = os.path.join(recon_dir, f"{stem}.{file_stem(label)}{tag}.S{steps}")
       write_atomic(path + ".cdcj", res.data)
       save_png(path + ".png", rec)
       row["file"], row["reconstruction"] = path + ".cdcj", path + ".png"

@@ -361,16 +361,14 @@ def load_variables(path: str) -> dict[str, np.ndarray]:
       f"InceptionV3 FID weights {path}: no such file; {fetch_hint()}"
     )
   what = f"InceptionV3 weights {path}"
-  if not weights.is_npz(path):
-    raise InceptionWeightsError(
-      f"{what}: not a plain .npz file; {fetch_hint()}"
-    )
-  flat = weights.read_npz(path, what, InceptionWeightsError, fetch_hint())
-  bad = weights.mismatches(flat, dict(_default_shapes()))
+  hint = fetch_hint()
+  found = weights.npz_shapes(path, what, InceptionWeightsError, hint)
+  bad = weights.mismatches(found, dict(_default_shapes()))
   if bad:
     raise InceptionWeightsError(
       f"{what}: not FID InceptionV3 variables (wrong or missing keys/"
-      f"shapes: {weights.listing(bad)}); {fetch_hint()}"
+      f"shapes: {weights.listing(bad)}); {hint}"
     )
+  flat = weights.read_npz(path, what, InceptionWeightsError, hint)
   check_finite(flat, what)
   return flat

@@ -311,17 +311,17 @@ def load(path: str, net: str | None = None):
       "(python -m cdc_jax.convert checkpoint, which writes lpips_vgg.npz)"
     )
   what = f"LPIPS weights {path}"
-  flat = weights.read_npz(path, what, LPIPSWeightsError)
-  tree = traverse_util.unflatten_dict(flat, sep="/")
+  found = weights.npz_shapes(path, what, LPIPSWeightsError)
   try:
-    net = net_of(tree) if net is None else net
+    net = net_of({k.split("/")[0] for k in found}) if net is None else net
   except ValueError as e:
     raise LPIPSWeightsError(f"{what}: {e}") from None
   check_net(net)
-  bad = weights.mismatches(flat, param_shapes(net))
+  bad = weights.mismatches(found, param_shapes(net))
   if bad:
     raise LPIPSWeightsError(
       f"{what}: not LPIPS-{net} params (wrong or missing keys/shapes: "
       f"{weights.listing(bad)})"
     )
-  return tree
+  flat = weights.read_npz(path, what, LPIPSWeightsError)
+  return traverse_util.unflatten_dict(flat, sep="/")
