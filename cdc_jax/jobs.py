@@ -1,7 +1,9 @@
 """The main job's modes, one function each (``cdc_jax.main`` calls them).
 
 ``train``: trains, exports ``workdir/model`` and prints the held-out
-report made through the real file codec. ``eval``: that report alone.
+report made through the real file codec. ``distill``: distils a teacher
+by rounds (``cdc_jax.distill``), exports each round's student and prints
+the last one's report. ``eval``: that report alone.
 ``export``: ``workdir/model``
 from the latest checkpoint (params only; no optimizer is built).
 """
@@ -37,18 +39,20 @@ def run(
   processes: tuple = (None, None, None),
   compile_cache_on: bool = True,
 ) -> int:
-  """``cdc_jax.main``'s work: ``mode`` (train, eval, export) in ``workdir``
-  (None: ``default_workdir(spec)``, printed); ``processes`` =
-  (coordinator, count, id) for multi-process runs. Returns the exit
-  status: 0, 2 (a user error, one line), 75 (preempted: rerun to resume).
+  """``cdc_jax.main``'s work: ``mode`` (train, distill, eval, export; None:
+  ``default_mode``) in ``workdir`` (None: ``default_workdir(spec)``,
+  printed); ``processes`` = (coordinator, count, id) for multi-process
+  runs. Returns the exit status: 0, 2 (a user error, one line), 75
+  (preempted: rerun to resume).
   """
   from cdc_jax import compile_cache, distributed, preemption
 
+  mode = check_mode(mode, config)
   if workdir is None:
     workdir = default_workdir(spec)
     print(f"workdir: {workdir} (the default; --workdir=DIR chooses)")
   # Before anything touches a device; a no-op for one process.
-  check_workdir(workdir, must_exist=mode != "train")
+  check_workdir(workdir, must_exist=mode in ("eval", "export"))
   distributed.initialize(*processes, log=True)
   compile_cache.enable(disabled=not compile_cache_on)
   try:
@@ -56,6 +60,8 @@ def run(
       export_job(workdir)
     elif mode == "eval":
       eval_job(config, workdir)
+    elif mode == "distill":
+      distill_job(config, workdir)
     else:
       train_job(config, workdir)
   except preemption.Preempted as e:
@@ -81,6 +87,38 @@ def train_job(config, workdir: str) -> dict:
   return metrics
 
 
+def check_mode(mode: str | None, config) -> str:
+  """The mode to run: ``mode``, or by the config (distill for one with a
+  ``distill`` section, else train); SettingError where they disagree."""
+  distilling = "distill" in config
+  if mode is None:
+    return "distill" if distilling else "train"
+  if distilling and mode != "distill":
+    raise SettingError(
+      f"--mode={mode}: the config is a distillation config; run it with "
+      "--mode=distill (the default for it); decode or evaluate its students "
+      "in workdir/model_s<S> with python -m cdc_jax.codec or cdc_jax.evaluate"
+    )
+  if mode == "distill" and not distilling:
+    raise SettingError(
+      "--mode=distill needs a distillation config: "
+      "--config=configs/distill.py --config.distill.teacher=PATH"
+    )
+  return mode
+
+
+def distill_job(config, workdir: str) -> dict:
+  """Distils ``config.distill.teacher`` round by round in ``workdir``;
+  process 0 then prints the last student's held-out report."""
+  from cdc_jax import distill
+
+  metrics = distill.distill_and_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    model = os.path.join(workdir, model_dir.EXPORT_DIR)
+    held_out_report(config, workdir, model)
+  return metrics
+
+
 def eval_job(config, workdir: str) -> dict | None:
   """``--mode=eval``: the held-out report of the workdir's latest
   checkpoint (EMA params where present, no optimizer built). Multi-process
@@ -90,7 +128,7 @@ def eval_job(config, workdir: str) -> dict | None:
   return held_out_report(config, workdir)
 
 
-def held_out_report(config, workdir: str) -> dict:
+def held_out_report(config, workdir: str, model: str | None = None) -> dict:
   """The held-out photo through the evaluation pipeline
   (``cdc_jax.eval.pipeline``, as ``evaluate --dataset held_out``): a real
   file per ``config.eval`` setting, PSNR, MS-SSIM (LPIPS when
@@ -114,7 +152,7 @@ def held_out_report(config, workdir: str) -> dict:
   # Bad weight files fail before decoding.
   lpips_fn = pipeline.lpips_of(opts)
   extractor = pipeline.inception_of(opts)
-  cm = codec.load(workdir)
+  cm = codec.load(model or workdir)
   out = os.path.join(workdir, REPORT_DIR)
   result = pipeline.evaluate(
     {"model": cm}, datasets.held_out(), out, opts, lpips_fn, extractor

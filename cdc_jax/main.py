@@ -1,8 +1,10 @@
-"""The main job: train (default), evaluate or export a CDC model.
+"""The main job: train (default), distil, evaluate or export a CDC model.
 
   python -m cdc_jax.main --config=configs/x_cosine.py:tiny
   python -m cdc_jax.main --config=configs/eps_linear.py --workdir=runs/eps \
       --config.data.name=vimeo --config.data.path=/data/vimeo_septuplet
+  python -m cdc_jax.main --config=configs/distill.py \
+      --config.distill.teacher=runs/eps/model --workdir=runs/eps_distill
 
 Modes, the workdir, exit statuses (0, 2 user error, 130 Ctrl-C, 75
 preempted: rerun to resume) and multi-process runs: docs/training.md and
@@ -30,7 +32,11 @@ _WORKDIR = flags.DEFINE_string(
   "runs/<config>[_<variant>], e.g. runs/x_cosine_tiny).",
 )
 _MODE = flags.DEFINE_enum(
-  "mode", "train", ["train", "eval", "export"], "train (resuming)|eval|export"
+  "mode",
+  None,
+  ["train", "distill", "eval", "export"],
+  "train (resuming)|distill (resuming)|eval|export; default: distill for "
+  "a config with a distill section (configs/distill.py), else train",
 )
 _COORD = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0|auto")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process: count.")

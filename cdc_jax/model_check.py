@@ -31,7 +31,21 @@ from cdc_jax.npz import Member
 
 FORMAT = "cdc_jax-model"
 VERSION = 1
-META_KEYS = {"format", "version", "model", "diffusion", "fingerprint", "source"}
+META_KEYS = {
+  "format",
+  "version",
+  "model",
+  "diffusion",
+  "fingerprint",
+  "source",
+  "distilled",
+}
+DISTILLED_KEYS = (
+  "base_steps",
+  "steps",
+  "parameterisation",
+  "teacher_bitstream",
+)
 SCHEDULES = ("linear", "cosine")
 MAX_TIMESTEPS = 100_000  # the released models use 20,000 and 8,193
 MAX_DIM = 1024  # the released models: 64
@@ -42,6 +56,7 @@ MAX_PARAMS = 2**30  # values (4 GiB of float32); the released: ~ 10^8
 MAX_TABLES = 4096
 MAX_TABLE_LEN = 2**16
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def _is_int(v) -> bool:
@@ -152,7 +167,47 @@ def check_meta(meta, where: str, error) -> dict:
     raise error(f"{where}: 'source' must be a string")
   check_model(meta["model"], where, error)
   check_diffusion(meta["diffusion"], where, error)
+  if "distilled" in meta:
+    timesteps = meta["diffusion"]["timesteps"]
+    check_distilled(meta["distilled"], timesteps, where, error)
   return meta
+
+
+def check_distilled(d, timesteps: int, where: str, error) -> dict:
+  """A distilled student's decoder (``cdc_jax.samplers.Student``) and the
+  bitstream fingerprint of its teacher."""
+  from cdc_jax.distill_target import PARAMETERISATIONS
+
+  if not isinstance(d, dict) or sorted(d) != sorted(DISTILLED_KEYS):
+    raise error(
+      f"{where}: 'distilled' must hold exactly {', '.join(DISTILLED_KEYS)}"
+    )
+  base, steps = d["base_steps"], d["steps"]
+  if not _int_in(2, timesteps)(base):
+    raise error(
+      f"{where}: distilled.base_steps = {_show(base)} must be an integer in "
+      f"[2, {timesteps}]"
+    )
+  if not (_int_in(1, base)(steps) and base % steps == 0):
+    raise error(
+      f"{where}: distilled.steps = {_show(steps)} must divide base_steps "
+      f"({base})"
+    )
+  ratio = base // steps
+  if ratio < 2 or ratio & (ratio - 1):
+    raise error(
+      f"{where}: distilled base_steps / steps = {ratio} is not a power of "
+      "two >= 2 (each round halves the steps)"
+    )
+  if d["parameterisation"] not in PARAMETERISATIONS:
+    raise error(
+      f"{where}: distilled.parameterisation = {_show(d['parameterisation'])} "
+      f"must be one of {', '.join(PARAMETERISATIONS)}"
+    )
+  fp = d["teacher_bitstream"]
+  if not (isinstance(fp, str) and _HEX32.fullmatch(fp)):
+    raise error(f"{where}: distilled.teacher_bitstream is not 32 hex digits")
+  return d
 
 
 def _show(value) -> str:

@@ -5,7 +5,9 @@ converter exchange, and the one way to read a training workdir's params.
 
   model.json          {"format": "cdc_jax-model", "version": 1,
                        "model": CDC kwargs, "diffusion": {...},
-                       "fingerprint": hex, "source": str}
+                       "fingerprint": hex, "source": str,
+                       a student's "distilled": {base_steps, steps,
+                       parameterisation, teacher_bitstream}}
   params.npz          flat float32 arrays, keys "context_fn/enc_0_0/..."
   entropy_tables.npz  integer coding tables (``cdc_jax.entropy_tables``)
   lpips_vgg.npz       (converted rho > 0 checkpoints only) LPIPS weights
@@ -86,14 +88,16 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
   return tree
 
 
-def fingerprint(model_config: dict, diffusion_config: dict, params) -> str:
-  """sha256 over the configs (canonical JSON) and every param's bytes."""
+def fingerprint(
+  model_config: dict, diffusion_config: dict, params, distilled=None
+) -> str:
+  """sha256 over the configs (canonical JSON; a student's ``distilled``
+  section too) and every param's bytes."""
   h = hashlib.sha256()
-  h.update(
-    json.dumps(
-      {"model": model_config, "diffusion": diffusion_config}, sort_keys=True
-    ).encode()
-  )
+  meta = {"model": model_config, "diffusion": diffusion_config}
+  if distilled is not None:
+    meta["distilled"] = distilled
+  h.update(json.dumps(meta, sort_keys=True).encode())
   for key, v in flatten(params).items():
     a = np.ascontiguousarray(np.asarray(v, dtype=np.float32))
     h.update(key.encode())
@@ -113,6 +117,7 @@ class LoadedModel:
   fingerprint: str
   path: str
   source: str = ""
+  distilled: dict | None = None  # a student's decoder (model.json)
 
 
 def export(
@@ -124,11 +129,13 @@ def export(
   tables: dict[str, np.ndarray] | None = None,
   overwrite: bool = False,
   extra: dict[str, dict[str, np.ndarray]] | None = None,
+  distilled: dict | None = None,
 ) -> str:
   """Writes a model directory (the rules above); returns its fingerprint.
 
   The entropy tables are computed from the params unless given. ``extra``:
   more ``.npz`` files of ``MODEL_FILES`` (``{LPIPS_FILE: arrays}``).
+  ``distilled``: a student's decoder (``model_check.DISTILLED_KEYS``).
 
   Raises:
     WriteError: ``directory`` is a file, a directory that is not a model
@@ -143,7 +150,7 @@ def export(
   model_check.check_finite(directory, flat, ModelError, "nothing was written")
   if tables is None:
     tables = entropy_tables.build(from_config(model_config), params)
-  fp = fingerprint(model_config, diffusion_config, params)
+  fp = fingerprint(model_config, diffusion_config, params, distilled)
   meta = {
     "format": FORMAT,
     "version": VERSION,
@@ -152,6 +159,10 @@ def export(
     "fingerprint": fp,
     "source": source,
   }
+  if distilled is not None:
+    meta["distilled"] = model_check.check_distilled(
+      dict(distilled), diffusion_config["timesteps"], directory, ModelError
+    )
   payloads = {PARAMS: _npz(flat), TABLES: _npz(tables)}
   payloads |= {name: _npz(arrays) for name, arrays in (extra or {}).items()}
   payloads[MODEL_JSON] = json.dumps(meta, indent=2, sort_keys=True).encode()
@@ -250,7 +261,8 @@ def _load_model_dir(directory: str, verify: bool) -> LoadedModel:
   params = unflatten(flat)
   fp = meta["fingerprint"]
   if verify:
-    actual = fingerprint(meta["model"], meta["diffusion"], params)
+    distilled = meta.get("distilled")
+    actual = fingerprint(meta["model"], meta["diffusion"], params, distilled)
     if actual != fp:
       raise ModelError(
         f"{directory}: parameters do not match the fingerprint in "
@@ -270,6 +282,7 @@ def _load_model_dir(directory: str, verify: bool) -> LoadedModel:
     fp,
     directory,
     meta.get("source", ""),
+    meta.get("distilled"),
   )
 
 

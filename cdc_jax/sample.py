@@ -48,12 +48,20 @@ class Sampler:
   default DDIM) and ``progress``: called on the host as ``progress(done,
   total)`` after each window of steps (the last call is ``(total,
   total)``); an exception it raises stops the decode and propagates.
+  ``student`` (a ``samplers.Student``): the params are a distilled
+  student's, whose sampler is ``self.student_sampler`` at its own S.
   """
 
-  def __init__(self, model: CDC, schedule: diffusion.Schedule):
+  def __init__(
+    self,
+    model: CDC,
+    schedule: diffusion.Schedule,
+    student: samplers.Student | None = None,
+  ):
     self.model = model
     self.schedule = schedule
     self.family = model.family
+    self.student = student
     self._steps = jax.jit(self._steps_impl, static_argnames="sampler")
     self._step_s: dict = {}  # (x shape, S, sampler) -> seconds per step
     self._g_s = jax.jit(self._g_s_impl)
@@ -62,8 +70,17 @@ class Sampler:
   def tables(self, steps: int, sampler: str = samplers.DEFAULT_SAMPLER):
     """``sampler``'s per-step tables (``samplers.tables``) on the device,
     first step first; for DDIM the NamedTuple (abar, abar_prev, time)."""
-    t = samplers.tables(self.schedule, steps, self.family, sampler)
+    t = samplers.tables(
+      self.schedule, steps, self.family, sampler, student=self.student
+    )
     return type(t)(*(jnp.asarray(a) for a in t))
+
+  @property
+  def student_sampler(self) -> str | None:
+    """The student's sampler name (None for a model that is not one)."""
+    if self.student is None:
+      return None
+    return samplers.student_sampler(self.student.parameterisation)
 
   def _steps_impl(self, params, context, state, tables, start, stop, sampler):
     """Steps ``start`` .. ``stop - 1`` of ``tables`` from ``state``."""

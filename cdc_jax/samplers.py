@@ -43,6 +43,13 @@ Samplers (``SAMPLERS``: name -> the id a file header stores):
     30.5 / 32.7). Making the step before the last first order too
     (``LOWER_ORDER_FINAL``) cost 1-3 dB there.
 
+A distilled student (``cdc_jax.distill``) decodes with its own sampler,
+``student_sampler(parameterisation)``, never named in a file: DDIM steps
+on every (base S / S)-th point of its teacher's DDIM grid of base S
+(``Student``, recorded in its model.json), with the time inputs the
+teacher's DDIM decode gives those points, and its output read in its
+parameterisation (``distill_target.from_output``, unclipped).
+
 Everything a decode does follows from (sampler, S, schedule, family).
 """
 
@@ -53,7 +60,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from cdc_jax import diffusion
+from cdc_jax import diffusion, distill_target
 
 SAMPLERS = {"ddim": 0, "dpmpp2m": 1}  # name -> id in a file header
 DEFAULT_SAMPLER = "ddim"
@@ -255,6 +262,59 @@ def dpmpp2m_step(state, model_out, row: DPMTables, family: str):
   return row.x_coef * x + row.x0_coef * d, x0
 
 
+# -- distilled students --------------------------------------------------------
+
+STUDENT_PREFIX = "student:"  # + parameterisation: a student's sampler name
+
+
+class Student(NamedTuple):
+  """How a distilled student decodes (model.json's ``distilled``)."""
+
+  base_steps: int  # its first teacher's DDIM grid
+  steps: int  # S; base_steps // steps is a power of two
+  parameterisation: str  # one of distill_target.PARAMETERISATIONS
+
+
+class StudentTables(NamedTuple):
+  """Per-step float32 arrays of a student's decode, first step first."""
+
+  abar: np.ndarray
+  abar_next: np.ndarray  # 1 after the last step
+  time: np.ndarray  # the teacher's DDIM time input at the point
+
+
+def student_sampler(parameterisation: str) -> str:
+  return STUDENT_PREFIX + parameterisation
+
+
+def student_positions(base_steps: int, steps: int) -> np.ndarray:
+  """Points of the base DDIM grid (0 = the least noisy, i of
+  docs/model.md §9.1) an S-step student visits, first step first: every
+  stride-th from the top, stride = base_steps / steps, so each halving
+  keeps every other point of the grid before it."""
+  if steps < 1 or base_steps % steps:
+    raise ValueError(f"{steps} student steps do not divide {base_steps}")
+  stride = base_steps // steps
+  return np.arange(steps - 1, -1, -1) * stride + stride - 1
+
+
+def student_tables(
+  schedule: diffusion.Schedule, family: str, student: Student
+) -> StudentTables:
+  base = ddim_tables(schedule, student.base_steps, family)
+  pos = student_positions(student.base_steps, student.steps)
+  abar = base.abar[pos]
+  abar_next = np.append(abar[1:], np.float32(1.0)).astype(np.float32)
+  return StudentTables(abar, abar_next, base.time[pos])
+
+
+def student_step(x, model_out, row, parameterisation: str):
+  """One DDIM step with the x0 the student's output means (unclipped:
+  the distillation target is the x0 that reproduces the teacher)."""
+  x0 = distill_target.from_output(x, model_out, row.abar, parameterisation)
+  return distill_target.ddim_from_x0(x, x0, row.abar, row.abar_next)
+
+
 # -- one interface for the loops ----------------------------------------------
 
 
@@ -264,14 +324,23 @@ def tables(
   family: str,
   sampler: str,
   dtype=np.float32,
+  student: Student | None = None,
 ):
   """``sampler``'s step tables for S = ``steps``, first step first: a
   NamedTuple of [S] ``dtype`` arrays with a ``time`` field, the U-Net's
   time input (DDIM's come from float32 schedule arrays, the solver's
-  from float64 math). ValueError for an unknown sampler or family."""
-  sampler_id(sampler)
+  from float64 math). A student's sampler needs ``student`` (its
+  ``Student``; ``steps`` must be its S). ValueError for an unknown
+  sampler or family."""
   if family not in ("eps", "x"):
     raise ValueError(f"unknown family {family!r}")
+  if sampler.startswith(STUDENT_PREFIX):
+    if student is None or steps != student.steps:
+      raise ValueError(f"{sampler}: a student decodes with its own S")
+    return StudentTables(
+      *(np.asarray(a, dtype) for a in student_tables(schedule, family, student))
+    )
+  sampler_id(sampler)
   if sampler == "ddim":
     t = ddim_tables(schedule, steps, family)
     return DDIMTables(*(np.asarray(a[::-1], dtype) for a in t))
@@ -279,9 +348,9 @@ def tables(
 
 
 def init_state(sampler: str, x_init) -> tuple:
-  """The loop state at x_T: (x,) for DDIM; (x, x0 before) for the
-  solver (zeros: its first step does not read them)."""
-  if sampler == "ddim":
+  """The loop state at x_T: (x,) for DDIM and students; (x, x0 before)
+  for the solver (zeros: its first step does not read them)."""
+  if sampler != "dpmpp2m":
     return (x_init,)
   return (x_init, jnp.zeros_like(x_init))
 
@@ -291,4 +360,8 @@ def step(sampler: str, family: str, state: tuple, model_out, row) -> tuple:
   if sampler == "ddim":
     (x,) = state
     return (ddim_step(x, model_out, row.abar, row.abar_prev, family),)
+  if sampler.startswith(STUDENT_PREFIX):
+    (x,) = state
+    param = sampler[len(STUDENT_PREFIX) :]
+    return (student_step(x, model_out, row, param),)
   return dpmpp2m_step(state, model_out, row, family)

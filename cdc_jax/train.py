@@ -154,7 +154,7 @@ def _open_outputs(config, workdir: str, start: int) -> _Outputs:
   return out
 
 
-def _save_run_config(config, workdir: str) -> None:
+def save_run_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     payload = config.to_json_best_effort(indent=2).encode()
     write_atomic(os.path.join(workdir, model_dir.WORKDIR_CONFIG), payload)
@@ -179,15 +179,14 @@ def _log(metrics, done: int, rate: float, out: _Outputs) -> dict:
   if out.writer is not None:
     for k, v in last.items():
       out.writer.add_scalar(f"train/{k}", v, done)
+  shown = {"loss": ".4f", "bpp": ".3f", "lam": ".2g"}  # those a job has
+  shown = {k: f for k, f in shown.items() if k in last}
   if out.bar is not None:
     out.bar.set_postfix(
-      loss=f"{last['loss']:.4f}",
-      bpp=f"{last['bpp']:.3f}",
-      lam=f"{last['lam']:.2g}",
-      sps=f"{rate:.2f}",
+      **{k: format(last[k], f) for k, f in shown.items()}, sps=f"{rate:.2f}"
     )
   elif out.writer is not None:  # process 0 without a bar: one line
-    keys = ("loss", "bpp", "lam", "steps_per_sec")
+    keys = (*shown, "steps_per_sec")
     logger.info(
       "step %d: %s", done, ", ".join(f"{k} {last[k]:.4g}" for k in keys)
     )
@@ -195,7 +194,7 @@ def _log(metrics, done: int, rate: float, out: _Outputs) -> dict:
 
 
 @dataclasses.dataclass
-class _Run:
+class Run:
   """What the loop drives: the jitted step, its input, saves and evals."""
 
   config: Any
@@ -206,10 +205,15 @@ class _Run:
   manager: Any
   evaluate: during_training.SetEvaluator
   watch: preemption.Watch
+  end: int = 0  # the step to stop at (0: train.num_steps)
+  decoding_params: Any = decoding_params  # state -> params to evaluate
 
 
-def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
-  """Runs steps ``state.step .. num_steps``; returns (state, last metrics).
+def run_steps(run: Run, state):
+  """Runs steps ``state.step .. run.end``; returns (state, last metrics).
+  The loop of every job (training, each distillation round): log,
+  evaluate, checkpoint, preemption. ``state``: a TrainState or any struct
+  with a step that ``run.step_fn`` advances.
 
   Raises:
     preemption.Preempted: after a preemption notice, once every process
@@ -218,7 +222,7 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
   import orbax.checkpoint as ocp
 
   config, manager = run.config, run.manager
-  num_steps, last, pending = config.train.num_steps, {}, None
+  num_steps, last, pending = run.end or config.train.num_steps, {}, None
   start = int(state.step)
   out = _open_outputs(config, run.workdir, start)
   t0, n0 = time.time(), start
@@ -251,7 +255,7 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict]:
         manager.wait_until_finished()
         raise preemption.Preempted(done, str(manager.directory))
       if is_eval:
-        params = decoding_params(state)
+        params = run.decoding_params(state)
         last.update(run.evaluate.log(params, done, out.writer))
   finally:
     out.close()
@@ -272,7 +276,7 @@ def _load_lpips(config):
     raise TrainingError(f"--config.diffusion.lpips_weights: {e}") from None
 
 
-def _make_loader(config) -> BatchIterator:
+def make_checked_loader(config) -> BatchIterator:
   """This process's loader; fails here, before the model is built, when
   the data holds no usable image (one decode on a healthy dataset)."""
   loader = make_loader(config, jax.process_index(), jax.process_count())
@@ -291,14 +295,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   files.check_output(os.path.join(workdir, METRICS_JSON))
   mesh = sharding.make_mesh()
   sharding.check_batch(config.train.batch_size, mesh)
-  loader = _make_loader(config)
+  loader = make_checked_loader(config)
   model = from_config(config.model)
   tx = make_optimizer(config.train)
   ck = config.checkpoint
   manager = checkpoint.make_manager(workdir, ck.keep, ck.every)
   state, origin = initial_state(config, model, tx, manager, mesh)
   state_sharding = sharding.replicated(mesh, state)
-  _save_run_config(config, workdir)
+  save_run_config(config, workdir)
   lpips_params = _load_lpips(config)
   step_fn, batch_sharding = make_train_step(
     config, model, tx, mesh, state_sharding, lpips_params
@@ -309,12 +313,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   )
   evaluate = during_training.from_config(config, model, lpips_params)
   watch = preemption.Watch(manager)
-  run = _Run(
+  run = Run(
     config, workdir, step_fn, batch_sharding, loader, manager, evaluate, watch
   )
   try:
     with watch:
-      state, last = _loop(run, state)
+      state, last = run_steps(run, state)
   finally:
     loader.close()
     manager.close()

@@ -90,18 +90,32 @@ def train_step(
   (_, metrics), grads = grad_fn(
     state.params, model, sched_arrays, x0, t, noise, rate_noise, lam
   )
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = state.ema_params
-  if ema is not None:
-    ema = ema_update(ema, params, state.step, tc.ema)
+  new = apply_gradients(state, grads, tx, tc.ema, state.step, lam=lam)
   metrics = dict(metrics)
   metrics["lam"] = lam
   metrics["lr"] = lr_schedule(tc)(state.step)
   metrics["grad_norm"] = optax.tree.norm(grads)
-  new = TrainState(state.step + 1, params, opt_state, ema, lam)
-  new = jax.tree.map(_keep_dtype, new, state)
   return new, metrics
+
+
+def apply_gradients(state, grads, tx, ema_config, ema_step, **fields):
+  """The update every job's step ends with (training, distillation): the
+  optimizer on ``state.params``, the EMA at counter ``ema_step``, the
+  step + 1, ``fields`` replaced; dtypes kept. ``state``: a struct with
+  step, params, opt_state and ema_params (None: no EMA)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    ema = ema_update(ema, params, ema_step, ema_config)
+  new = state.replace(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    ema_params=ema,
+    **fields,
+  )
+  return jax.tree.map(_keep_dtype, new, state)
 
 
 def _keep_dtype(new, old):

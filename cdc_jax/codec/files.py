@@ -166,7 +166,7 @@ def decompress_many(
   groups: dict = {}
   for i, (hdr, _) in enumerate(parsed):
     layout = tiling.Layout.of(hdr)
-    key = (noise_shape(cm, hdr), hdr.steps, layout, hdr.sampler)
+    key = (noise_shape(cm, hdr), *decode_plan(cm, hdr), layout)
     groups.setdefault(key, []).append(i)
   batches = []
   for members in groups.values():
@@ -175,7 +175,7 @@ def decompress_many(
       cm.model, hdr.height, hdr.width, len(members), lim, tiling.tile_of(hdr)
     )
     batches += [members[k : k + n] for k in range(0, len(members), n)]
-  total = sum(parsed[m[0]][0].steps for m in batches)
+  total = sum(decode_plan(cm, parsed[m[0]][0])[0] for m in batches)
   out: list = [None] * len(blobs)
   done = 0
   for members in batches:
@@ -185,7 +185,7 @@ def decompress_many(
     images = _decode_batch(cm, [parsed[i] for i in members], report)
     for i, img in zip(members, images, strict=True):
       out[i] = img
-    done += parsed[members[0]][0].steps
+    done += decode_plan(cm, parsed[members[0]][0])[0]
   return out
 
 
@@ -204,9 +204,9 @@ def _decode_batch(cm: CodecModel, parsed: list, progress) -> list:
     y_hat, x_init = jnp.concatenate(y_hat), jnp.concatenate(x_init)
   else:
     (y_hat,), (x_init,) = y_hat, x_init
-  layout, sampler = tiling.Layout.of(first), sampler_of(first)
+  steps, sampler = decode_plan(cm, first)
   x = tiling.run(
-    cm, y_hat, x_init, first.steps, layout, progress, sampler=sampler
+    cm, y_hat, x_init, steps, tiling.Layout.of(first), progress, sampler=sampler
   )
   x = np.asarray(x)
   return [to_image(x[j], h) for j, (h, _) in enumerate(parsed)]
@@ -217,6 +217,15 @@ def _sampler_id(name: str) -> int:
     return samplers.sampler_id(name)
   except ValueError as e:
     raise CodecError(str(e)) from None
+
+
+def decode_plan(cm: CodecModel, header: container.Header) -> tuple[int, str]:
+  """(S, sampler) of a decode of ``header`` with ``cm``: the file's, or,
+  for a distilled student, its own S-step decode whatever the file's S
+  and sampler (the encoder's choice for its teacher)."""
+  if cm.student is not None:
+    return cm.student.steps, cm.sampler.student_sampler
+  return header.steps, sampler_of(header)
 
 
 def sampler_of(header: container.Header) -> str:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cdc_jax.codec.fingerprint as fingerprint
-from cdc_jax import diffusion, entropy_tables, model_dir
+from cdc_jax import diffusion, entropy_tables, model_dir, samplers
 from cdc_jax.codec.errors import CodecError
 from cdc_jax.coding import container
 from cdc_jax.coding import tables as coding_tables
@@ -45,10 +45,11 @@ class CodecModel:
   scale_table: np.ndarray
   scales: ScaleIndexer
   path: str = ""
+  student: samplers.Student | None = None  # a distilled student's decoder
 
   def __post_init__(self):
     self.family = self.model.family
-    self.sampler = Sampler(self.model, self.schedule)
+    self.sampler = Sampler(self.model, self.schedule, self.student)
     m = self.model
 
     def apply(p, *args, method):
@@ -135,15 +136,16 @@ def from_loaded(loaded: model_dir.LoadedModel) -> CodecModel:
     scales = entropy_tables.scale_indexer(loaded.params, scale_table)
   except ValueError as e:
     raise CodecError(f"{loaded.path}: unusable entropy model: {e}") from None
+  bits = fingerprint.bitstream(
+    loaded.model_config, loaded.params, z_tables, y_tables, scales
+  )
   return CodecModel(
     model=from_config(loaded.model_config),
     # One transfer for the whole tree (jnp.asarray per leaf compiles a
     # small program per distinct shape on every load).
     params=jax.device_put(loaded.params),
     schedule=diffusion.make_schedule(dcfg["schedule"], int(dcfg["timesteps"])),
-    fingerprint=fingerprint.bitstream(
-      loaded.model_config, loaded.params, z_tables, y_tables, scales
-    ),
+    fingerprint=bits,
     legacy_fingerprint=fingerprint.legacy(
       loaded.fingerprint, z_tables, y_tables
     ),
@@ -152,4 +154,21 @@ def from_loaded(loaded: model_dir.LoadedModel) -> CodecModel:
     scale_table=scale_table,
     scales=scales,
     path=loaded.path,
+    student=_student(loaded, bits),
   )
+
+
+def _student(loaded: model_dir.LoadedModel, bits: bytes):
+  """A student's decoder; CodecError if its bitstream is not the one its
+  teacher's files carry (its entropy model was changed)."""
+  d = loaded.distilled
+  if d is None:
+    return None
+  if d["teacher_bitstream"] != bits.hex():
+    raise CodecError(
+      f"{loaded.path}: a distilled model whose entropy model is not its "
+      f"teacher's (bitstream {bits.hex()[:12]}..., the teacher's "
+      f"{d['teacher_bitstream'][:12]}...): it cannot decode the teacher's "
+      "files; distil again with the entropy model frozen"
+    )
+  return samplers.Student(d["base_steps"], d["steps"], d["parameterisation"])

@@ -99,11 +99,13 @@ class SetEvaluator:
     return {f"eval_{k}": v for k, v in means.items()}
 
 
-def from_config(config, model, lpips_params=None) -> SetEvaluator:
+def from_config(config, model, lpips_params=None, student=None) -> SetEvaluator:
   """The evaluator of ``config.eval``: its set (``data``: "" for the
   embedded held-out photo, else a folder, its first ``max_images``),
   center-cropped to one side <= ``size``, decoded with ``steps`` of
-  ``sampler`` at ``gamma``; LPIPS too with ``lpips_params``."""
+  ``sampler`` at ``gamma``, or for a distilled ``student``
+  (``samplers.Student``) with its own S-step decode; LPIPS too with
+  ``lpips_params``."""
   dc, ec = config.diffusion, config.eval
   schedule = diffusion.make_schedule(dc.schedule, dc.timesteps)
   images = datasets.eval_images(ec.data, ec.max_images)
@@ -117,11 +119,10 @@ def from_config(config, model, lpips_params=None) -> SetEvaluator:
     crops.shape[1],
     crops.shape[2],
   )
+  decoder = Sampler(model, schedule, student)
+  steps, sampler = ec.steps, ec.sampler
+  if student is not None:
+    steps, sampler = student.steps, decoder.student_sampler
   return SetEvaluator(
-    Sampler(model, schedule),
-    crops,
-    ec.steps,
-    ec.gamma,
-    lpips_params,
-    sampler=ec.sampler,
+    decoder, crops, steps, ec.gamma, lpips_params, sampler=sampler
   )

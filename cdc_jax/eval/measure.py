@@ -85,8 +85,11 @@ def cdc_rows(
       cm, img, steps=steps, gamma=gamma, sampler=sampler
     )
     rec = codec.decompress(cm, res.data)
+    # A distilled student decodes in its own S whatever the file says.
+    student = cm.student
+    shown = (student.steps, "student") if student else (steps, sampler)
     row = {
-      "codec": cdc_name(steps, gamma, sampler),
+      "codec": cdc_name(shown[0], gamma, shown[1]),
       "setting": label,
       "image": name,
       "height": h,
@@ -98,8 +101,9 @@ def cdc_rows(
     }
     if recon_dir is not None:
       stem = file_stem(name)
-      tag = "" if sampler == "ddim" else f".{sampler}"
-      path = os.path.join(recon_dir, f"{stem}.{file_stem(label)}{tag}.S{steps}")
+      tag = "" if shown[1] == "ddim" else f".{shown[1]}"
+      path = f"{stem}.{file_stem(label)}{tag}.S{shown[0]}"
+      path = os.path.join(recon_dir, path)
       write_atomic(path + ".cdcj", res.data)
       save_png(path + ".png", rec)
       row["file"], row["reconstruction"] = path + ".cdcj", path + ".png"

@@ -1,0 +1,241 @@
+"""Progressive distillation: the grids of a round, the job's resume, and
+students decoding their teachers' files (and no others) through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from cdc_jax import (
+  diffusion,
+  distill,
+  distill_step,
+  model_dir,
+  preemption,
+  samplers,
+)
+from configs import distill as distill_config
+
+SCHEDULES = {"eps": ("linear", 20000), "x": ("cosine", 8193)}
+
+
+@pytest.mark.parametrize("family", ["eps", "x"])
+@pytest.mark.parametrize("base,steps", [(8, 4), (8, 2), (64, 1)])
+def test_a_rounds_teacher_steps_are_its_teachers_decode_steps(
+  family, base, steps
+):
+  """The two teacher steps of every student point are steps of the
+  teacher's own decode (the DDIM decode on the base grid for round one):
+  same abar pairs and time inputs, and the student's points are every
+  other point of its teacher's."""
+  schedule = diffusion.make_schedule(*SCHEDULES[family])
+  student = samplers.Student(base, steps, "x0")
+  teacher = samplers.Student(base, 2 * steps, "x0")
+  r = distill_step.round_tables(schedule, family, student)
+  if 2 * steps == base:  # the original teacher: its DDIM decode
+    t = samplers.tables(schedule, base, family, "ddim")
+    t_abar, t_next, t_time = t.abar, t.abar_prev, t.time
+  else:
+    t = samplers.student_tables(schedule, family, teacher)
+    t_abar, t_next, t_time = t.abar, t.abar_next, t.time
+  np.testing.assert_array_equal(r.abar, t_abar[0::2])
+  np.testing.assert_array_equal(r.abar_mid, t_abar[1::2])
+  np.testing.assert_array_equal(r.abar_mid, t_next[0::2])
+  np.testing.assert_array_equal(r.abar_next, t_next[1::2])
+  np.testing.assert_array_equal(r.time, t_time[0::2])
+  np.testing.assert_array_equal(r.time_mid, t_time[1::2])
+  s = samplers.student_tables(schedule, family, student)
+  np.testing.assert_array_equal(s.abar, r.abar)
+  np.testing.assert_array_equal(s.abar_next, r.abar_next)
+  assert s.abar_next[-1] == 1.0 and s.abar[0] == t_abar[0]  # T-1 .. x_0
+
+
+def test_student_positions_keep_every_other_point():
+  assert list(samplers.student_positions(8, 4)) == [7, 5, 3, 1]
+  assert list(samplers.student_positions(8, 2)) == [7, 3]
+  assert list(samplers.student_positions(8, 1)) == [7]
+  with pytest.raises(ValueError):
+    samplers.student_positions(8, 3)
+
+
+# -- the job -------------------------------------------------------------------
+
+
+def _config(teacher: str, **distill_fields):
+  c = distill_config.get_config("tiny")
+  c.unlock()
+  c.distill.update(
+    dict(teacher=teacher, teacher_steps=4, target_steps=2, steps_per_round=4)
+  )
+  c.distill.update(distill_fields)
+  c.train.batch_size = 8  # the 8 test devices
+  c.log.progress = False
+  c.log.every = 1
+  c.checkpoint.every = 100
+  c.eval.size = 64
+  return c
+
+
+def _preempt_at(monkeypatch, steps):
+  """A preemption notice as the loop reaches each step in ``steps``."""
+  pending = set(steps)
+
+  def reached(self, step):
+    if step in pending:
+      pending.discard(step)
+      return True
+    return False
+
+  monkeypatch.setattr(preemption.Watch, "reached", reached)
+
+
+def _params(path):
+  return model_dir.flatten(model_dir.load(path).params)
+
+
+def test_resume_mid_round_is_bit_identical(x_model_path, tmp_path, monkeypatch):
+  """Preempted mid-round and rerun, a run exports the same student, bit
+  for bit, as one that ran through; the entropy model stays the teacher's
+  (its params bit-identical, so the same bitstream fingerprint)."""
+  whole = str(tmp_path / "whole")
+  distill.distill_and_evaluate(_config(x_model_path), whole)
+
+  cut = str(tmp_path / "cut")
+  _preempt_at(monkeypatch, {2})
+  with pytest.raises(preemption.Preempted):
+    distill.distill_and_evaluate(_config(x_model_path), cut)
+  assert not os.path.exists(os.path.join(cut, "model"))
+  metrics = distill.distill_and_evaluate(_config(x_model_path), cut)
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_psnr"])
+
+  a, b = (
+    _params(os.path.join(whole, "model")),
+    _params(os.path.join(cut, "model")),
+  )
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  teacher = _params(x_model_path)
+  moved = [k for k in a if not np.array_equal(a[k], teacher[k])]
+  assert moved and all(k.startswith("denoise_fn/") for k in moved), moved
+  with open(os.path.join(cut, "model", "model.json")) as f:
+    meta = json.load(f)
+  assert (
+    meta["distilled"]["steps"] == 2 and meta["distilled"]["base_steps"] == 4
+  )
+  assert meta["distilled"]["parameterisation"] == "x0"
+
+
+def test_plan_errors_name_the_field(x_model_path, tmp_path):
+  teacher = model_dir.load(x_model_path)
+  for fields, words in [
+    (dict(target_steps=3), "distill.target_steps = 3"),
+    (dict(teacher_steps=1), "distill.teacher_steps = 1"),
+    (dict(parameterisation="w"), "distill.parameterisation = 'w'"),
+  ]:
+    with pytest.raises(distill.TrainingError, match=words):
+      distill.make_plan(_config(x_model_path, **fields), teacher)
+  with pytest.raises(distill.TrainingError, match="distill.teacher"):
+    distill.load_teacher(str(tmp_path / "missing"))
+  plan = distill.make_plan(_config(x_model_path, teacher_steps=64), teacher)
+  assert [s.steps for s in plan.students] == [32, 16, 8, 4, 2]
+
+
+# -- students decode their teachers' files ----------------------------------
+
+
+def _student_dir(teacher_path: str, out: str, perturb_entropy=False) -> str:
+  """A student model directory of the teacher (its params with a moved
+  U-Net, as a round would leave them), exported as the job does."""
+  from cdc_jax import codec
+
+  loaded = model_dir.load(teacher_path)
+  flat = model_dir.flatten(loaded.params)
+  for k in flat:
+    if k.startswith("denoise_fn/") or (perturb_entropy and "enc_" in k):
+      flat[k] = flat[k] * np.float32(1.01)
+  bits = codec.from_loaded(loaded).fingerprint.hex()
+  model_dir.export(
+    out,
+    loaded.model_config,
+    loaded.diffusion_config,
+    model_dir.unflatten(flat),
+    tables=loaded.tables,
+    distilled=dict(
+      base_steps=4, steps=2, parameterisation="x0", teacher_bitstream=bits
+    ),
+  )
+  return out
+
+
+def _cli(*args):
+  from cdc_jax.codec import cli
+
+  return cli.main(list(args))
+
+
+def test_a_teachers_file_decodes_with_its_student(
+  x_model_path, tiny_models, tmp_path, capsys
+):
+  from cdc_jax import codec, imageio, testing
+
+  student = _student_dir(x_model_path, str(tmp_path / "student"))
+  img = testing.photo("astronaut", (64, 64))
+  src = str(tmp_path / "photo.png")
+  imageio.save_png(src, img)
+  f = str(tmp_path / "photo.cdcj")
+  assert _cli("compress", "--model", x_model_path, src, f, "--steps", "8") == 0
+  out_s, out_t = str(tmp_path / "s.png"), str(tmp_path / "t.png")
+  assert _cli("decompress", "--model", student, f, out_s) == 0
+  assert _cli("decompress", "--model", x_model_path, f, out_t) == 0
+  by_student = imageio.load_image(out_s)
+  assert not np.array_equal(by_student, imageio.load_image(out_t))
+  # The student's own two steps, not the file's eight DDIM steps.
+  cm = codec.load(student)
+  assert cm.student == samplers.Student(4, 2, "x0")
+  with open(f, "rb") as fh:
+    np.testing.assert_array_equal(codec.decompress(cm, fh.read()), by_student)
+
+  other = str(tmp_path / "other")
+  testing.export_tiny(other, "x", seed=5)
+  g = str(tmp_path / "other.cdcj")
+  assert _cli("compress", "--model", other, src, g) == 0
+  capsys.readouterr()
+  assert _cli("decompress", "--model", student, g, str(tmp_path / "o.png")) == 2
+  assert "made with another model" in capsys.readouterr().err
+
+
+def test_a_student_with_another_entropy_model_is_refused(
+  x_model_path, tmp_path
+):
+  from cdc_jax import codec
+
+  path = _student_dir(x_model_path, str(tmp_path / "s"), perturb_entropy=True)
+  with pytest.raises(
+    codec.CodecError, match="entropy model is not its teacher"
+  ):
+    codec.load(path)
+
+
+def test_model_json_distilled_section_is_checked(x_model_path, tmp_path):
+  path = str(tmp_path / "s")
+  shutil.copytree(_student_dir(x_model_path, str(tmp_path / "s0")), path)
+  meta_path = os.path.join(path, "model.json")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  for bad, words in [
+    (dict(steps=3), "must divide base_steps"),
+    (dict(steps=4), "not a power of two"),
+    (dict(parameterisation="w"), "parameterisation"),
+    (dict(teacher_bitstream="xyz"), "32 hex digits"),
+  ]:
+    m = json.loads(json.dumps(meta))
+    m["distilled"].update(bad)
+    with open(meta_path, "w") as f:
+      json.dump(m, f)
+    with pytest.raises(model_dir.ModelError, match=words):
+      model_dir.load(path)
