@@ -25,9 +25,11 @@ decodes every file its teacher's encoder writes, in its own S steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,7 @@ from cdc_jax.train_state import decoding_params
 logger = logging.getLogger(__name__)
 
 DEFAULT_PARAMETERISATION = {"x": "x0", "eps": "v"}
+ROUNDS_JSON = "rounds.json"  # per round: S, optimizer steps, wall seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +214,7 @@ def _check_outputs(plan: Plan, workdir: str) -> None:
     os.path.join(workdir, model_dir.EXPORT_DIR), True
   )
   files.check_output(os.path.join(workdir, train.METRICS_JSON))
+  files.check_output(os.path.join(workdir, ROUNDS_JSON))
 
 
 def distill_and_evaluate(config, workdir: str) -> dict:
@@ -244,9 +248,18 @@ def distill_and_evaluate(config, workdir: str) -> dict:
     config.diffusion.schedule, config.diffusion.timesteps
   )
   job = _Job(
-    config, workdir, plan, model, tx, mesh, state_sharding, schedule, loader,
-    manager, preemption.Watch(manager),
-  )  # fmt: skip
+    config,
+    workdir,
+    plan,
+    model,
+    tx,
+    mesh,
+    state_sharding,
+    schedule,
+    loader,
+    manager,
+    preemption.Watch(manager),
+  )
   last: dict = {}
   try:
     with job.watch:
@@ -259,14 +272,19 @@ def distill_and_evaluate(config, workdir: str) -> dict:
     loader.close()
     manager.close()
   if jax.process_index() == 0:
-    final = len(plan.students) - 1
-    out = os.path.join(workdir, model_dir.EXPORT_DIR)
-    export_student(plan, config, state, final, out)
-    write_atomic(
-      os.path.join(workdir, train.METRICS_JSON),
-      json.dumps(last, indent=2).encode(),
-    )
+    _finish(plan, config, state, workdir, last)
   return last
+
+
+def _finish(plan: Plan, config, state, workdir: str, last: dict) -> None:
+  """The last student as ``workdir/model``; the last metrics."""
+  final = len(plan.students) - 1
+  out = os.path.join(workdir, model_dir.EXPORT_DIR)
+  export_student(plan, config, state, final, out)
+  write_atomic(
+    os.path.join(workdir, train.METRICS_JSON),
+    json.dumps(last, indent=2).encode(),
+  )
 
 
 @dataclasses.dataclass
@@ -294,18 +312,60 @@ def _round(job: _Job, r: int, state):
   student = plan.students[r]
   teacher_param = plan.teacher_param if r == 0 else student.parameterisation
   step_fn, batch_sharding = make_distill_step(
-    config, job.model, job.tx, job.mesh, job.state_sharding, job.schedule,
-    student, teacher_param, r * per,
-  )  # fmt: skip
+    config,
+    job.model,
+    job.tx,
+    job.mesh,
+    job.state_sharding,
+    job.schedule,
+    student,
+    teacher_param,
+    r * per,
+  )
   evaluate = during_training.from_config(
     config, job.model, None, student=student
   )
   logger.info("round %d: S %d -> %d", r + 1, 2 * student.steps, student.steps)
   run = train.Run(
-    config, job.workdir, step_fn, batch_sharding, job.loader, job.manager,
-    evaluate, job.watch, end=(r + 1) * per,
-  )  # fmt: skip
-  state, last = train.run_steps(run, state)
+    config,
+    job.workdir,
+    step_fn,
+    batch_sharding,
+    job.loader,
+    job.manager,
+    evaluate,
+    job.watch,
+    end=(r + 1) * per,
+  )
+  start, t0 = int(state.step), time.perf_counter()
+  record = functools.partial(record_round, job.workdir, r, student.steps)
+  try:
+    state, last = train.run_steps(run, state)
+  except preemption.Preempted as e:  # what this run did of the round counts
+    if jax.process_index() == 0:
+      record(e.step - start, time.perf_counter() - t0)
+    raise
   if jax.process_index() == 0:
     export_student(plan, config, state, r, plan.export_dir(job.workdir, r))
+    record(int(state.step) - start, time.perf_counter() - t0)
   return state, last
+
+
+def record_round(workdir: str, r: int, steps: int, done: int, seconds: float):
+  """Adds this run's part of round ``r`` to ``workdir/rounds.json``
+  (optimizer steps and wall seconds, summed over the runs of a resumed
+  round; compiles included)."""
+  path = os.path.join(workdir, ROUNDS_JSON)
+  rounds = []
+  if os.path.isfile(path):
+    with open(path) as f:
+      rounds = json.load(f)
+  mine = [x for x in rounds if x["round"] == r + 1]
+  if not mine:
+    mine = [
+      {"round": r + 1, "steps": steps, "optimizer_steps": 0, "seconds": 0}
+    ]
+    rounds.append(mine[0])
+  mine[0]["optimizer_steps"] += done
+  mine[0]["seconds"] += seconds
+  write_atomic(path, json.dumps(rounds, indent=1).encode())

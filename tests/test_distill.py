@@ -97,25 +97,59 @@ def _params(path):
   return model_dir.flatten(model_dir.load(path).params)
 
 
-def test_resume_mid_round_is_bit_identical(x_model_path, tmp_path, monkeypatch):
-  """Preempted mid-round and rerun, a run exports the same student, bit
-  for bit, as one that ran through; the entropy model stays the teacher's
-  (its params bit-identical, so the same bitstream fingerprint)."""
-  whole = str(tmp_path / "whole")
-  distill.distill_and_evaluate(_config(x_model_path), whole)
+def _straight_through(config, teacher_path: str):
+  """The run's EMA params after all its steps, stepped by hand from the
+  job's initial state with the job's jitted step and batches: no
+  checkpoint, no preemption."""
+  import jax
 
+  from cdc_jax import diffusion as diff
+  from cdc_jax import sharding
+  from cdc_jax.data.pipeline import make_loader
+  from cdc_jax.models.cdc import from_config
+  from cdc_jax.optim import make_optimizer
+
+  plan = distill.make_plan(config, distill.load_teacher(teacher_path))
+  distill.resolve_config(config, plan)
+  model, tx = from_config(config.model), make_optimizer(config.train)
+  mesh = sharding.make_mesh()
+  ema = config.train.ema.enabled
+  build = lambda p: distill._fresh_state(p, tx, ema)
+  abstract = jax.eval_shape(build, plan.teacher.params)
+  state_sharding = sharding.replicated(mesh, abstract)
+  state = jax.jit(build, out_shardings=state_sharding)(plan.teacher.params)
+  schedule = diff.make_schedule(
+    config.diffusion.schedule, config.diffusion.timesteps
+  )
+  (student,) = plan.students
+  step, batch_sharding = distill_step.make_distill_step(
+    config, model, tx, mesh, state_sharding, schedule, student, None, 0
+  )
+  loader = make_loader(config, 0, 1)
+  for k in range(config.train.num_steps):
+    batch = sharding.global_batch(loader.batch_at(k), batch_sharding)
+    state, _ = step(state, batch)
+  return model_dir.flatten(jax.device_get(state.ema_params))
+
+
+def test_resume_mid_round_is_bit_identical(x_model_path, tmp_path, monkeypatch):
+  """Preempted mid-round and rerun, a run exports the student of the same
+  steps taken straight through, bit for bit; the entropy model stays the
+  teacher's (its params bit-identical: the same bitstream fingerprint)."""
   cut = str(tmp_path / "cut")
   _preempt_at(monkeypatch, {2})
   with pytest.raises(preemption.Preempted):
     distill.distill_and_evaluate(_config(x_model_path), cut)
   assert not os.path.exists(os.path.join(cut, "model"))
+  assert sorted(os.listdir(os.path.join(cut, "checkpoints"))) == ["2"]
   metrics = distill.distill_and_evaluate(_config(x_model_path), cut)
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_psnr"])
+  with open(os.path.join(cut, "rounds.json")) as f:
+    (r,) = json.load(f)
+  assert r["optimizer_steps"] == 4 and r["steps"] == 2  # both runs' parts
 
-  a, b = (
-    _params(os.path.join(whole, "model")),
-    _params(os.path.join(cut, "model")),
-  )
+  a = _straight_through(_config(x_model_path), x_model_path)
+  b = _params(os.path.join(cut, "model"))
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
