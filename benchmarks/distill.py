@@ -1,14 +1,16 @@
 """Distilled students against their teacher: dB per S beside the teacher's
 own samplers, against the teacher's converged decode.
 
-  python -m benchmarks.distill TEACHER DISTILL_WORKDIR
+  python -m benchmarks.distill TEACHER DISTILL_WORKDIR [MORE_WORKDIRS ...]
   python -m benchmarks.distill TEACHER DISTILL_WORKDIR \
       --photos chelsea,rocket,camera --size 256x256 --ref-steps 1000 \
       --samplers ddim,dpmpp2m --out /tmp/distill
 
 TEACHER is the model the run distilled (``distill.teacher``);
 DISTILL_WORKDIR the ``--mode=distill`` workdir, whose ``model_s<S>``
-folders are the students. Each photo (``benchmarks.samplers``' centre
+folders are the students (several workdirs of the same teacher, e.g.
+variants of a setting, are measured against one reference and labelled
+by their folder names). Each photo (``benchmarks.samplers``' centre
 crops, not among the embedded training photos) is encoded once by the
 teacher; a student decodes the same file (its bitstream is the teacher's)
 from the same x_T. Rows: the teacher's DDIM decode at S = ``--ref-steps``
@@ -19,7 +21,7 @@ distillation grid's S. Per row, means over the photos: PSNR against the
 reference (floats clipped to [-1, 1], peak-to-peak 2), PSNR and MS-SSIM
 against the photo, decode time (median over the photos after the first,
 which compiles). First, the teacher's latent use (``benchmarks.samplers``).
-The distillation cost comes from the workdir's ``rounds.json``. Writes
+The distillation cost comes from each workdir's ``rounds.json``. Writes
 ``distill.json`` and ``distill.png`` (dB vs S: teacher per sampler,
 student) to ``--out``.
 """
@@ -43,7 +45,7 @@ from cdc_jax.eval import metrics
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("teacher", help="the teacher's model directory or workdir")
-  p.add_argument("workdir", help="the --mode=distill workdir")
+  p.add_argument("workdirs", nargs="+", help="--mode=distill workdir(s)")
   p.add_argument("--photos", default=bs.PHOTOS, help="skimage.data names")
   p.add_argument("--size", default="256x256", help="crop H x W")
   p.add_argument("--ref-steps", type=int, default=1000, help="DDIM ref S")
@@ -53,15 +55,22 @@ def parse_args(argv):
   return p.parse_args(argv)
 
 
-def students(workdir: str) -> list:
-  """[(S, CodecModel)] of the workdir's model_s<S> folders, S descending."""
+def students(workdirs: list, teacher) -> list:
+  """[(S, label, CodecModel)] of the workdirs' model_s<S> folders, S
+  descending; each must decode the teacher's files."""
   out = []
-  for path in glob.glob(os.path.join(workdir, "model_s*")):
-    cm = codec.load(path)
-    if cm.student is not None:
-      out.append((cm.student.steps, cm))
-  if not out:
-    raise SystemExit(f"{workdir}: no model_s<S> student folders")
+  for workdir in workdirs:
+    label = "student"
+    if len(workdirs) > 1:
+      label = f"student ({os.path.basename(os.path.normpath(workdir))})"
+    found = []
+    for path in glob.glob(os.path.join(workdir, "model_s*")):
+      cm = codec.load(path)
+      if cm.student is not None and cm.fingerprint == teacher.fingerprint:
+        found.append((cm.student.steps, label, cm))
+    if not found:
+      raise SystemExit(f"{workdir}: no model_s<S> students of the teacher")
+    out += found
   return sorted(out, key=lambda p: -p[0])
 
 
@@ -93,15 +102,17 @@ def row_of(label: str, steps: int, cm, sampler: str, cases, refs) -> dict:
 def measure(teacher, studs, names, cases, refs) -> list:
   print(f"{'decoder':<18} {'S':>5} {'vs ref':>9} {'PSNR':>7} {'MS-SSIM':>8}")
   rows = []
-  base = studs[0][1].student.base_steps
+  base = studs[0][2].student.base_steps
   for steps in sorted({codec.DEFAULT_STEPS[teacher.family], base}):
     rows.append(row_of("teacher ddim", steps, teacher, "ddim", cases, refs))
-  for steps, cm in studs:
+  done = set()
+  for steps, label, cm in studs:
     rows.append(
-      row_of("student", steps, cm, cm.sampler.student_sampler, cases, refs)
+      row_of(label, steps, cm, cm.sampler.student_sampler, cases, refs)
     )
-    for name in names:
+    for name in names if steps not in done else ():
       rows.append(row_of(f"teacher {name}", steps, teacher, name, cases, refs))
+    done.add(steps)
   return rows
 
 
@@ -112,7 +123,8 @@ def plot(rows: list, path: str, title: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4))
-  smax = min(r["steps"] for r in rows if r["decoder"] == "student") * 2
+  smax = min(r["steps"] for r in rows if r["decoder"].startswith("student"))
+  smax *= 2
   for name in dict.fromkeys(r["decoder"] for r in rows):
     mine = [r for r in rows if r["decoder"] == name]
     if name == "teacher ddim":  # its default S sits far right; draw S <= grid
@@ -136,14 +148,14 @@ def plot(rows: list, path: str, title: str) -> None:
 def main(argv=None) -> int:
   args = parse_args(argv)
   teacher = codec.load(args.teacher)
-  studs = students(args.workdir)
+  studs = students(args.workdirs, teacher)
   names = args.samplers.split(",")
   for name in names:
     samplers.sampler_id(name)
   size = tuple(int(v) for v in args.size.split("x"))
   print(
     f"teacher {args.teacher} ({teacher.family}), students S = "
-    f"{', '.join(str(s) for s, _ in studs)}, photos {args.photos} at "
+    f"{', '.join(str(s) for s, _, _ in studs)}, photos {args.photos} at "
     f"{size[1]}x{size[0]}, ref DDIM-{args.ref_steps}, {os.cpu_count()} CPUs",
     flush=True,
   )
@@ -154,16 +166,17 @@ def main(argv=None) -> int:
   use = bs.latent_use(teacher, cases)
   refs = bs.references(teacher, cases, args.ref_steps, 0)
   rows = measure(teacher, studs, names, cases, refs)
-  rounds_path = os.path.join(args.workdir, "rounds.json")
-  cost = None
-  if os.path.isfile(rounds_path):
-    with open(rounds_path) as f:
-      cost = json.load(f)
-    for r in cost:
-      print(
-        f"round {r['round']}: S {2 * r['steps']} -> {r['steps']}, "
-        f"{r['optimizer_steps']} steps, {r['seconds']:.0f} s"
-      )
+  cost = {}
+  for workdir in args.workdirs:
+    rounds_path = os.path.join(workdir, "rounds.json")
+    if os.path.isfile(rounds_path):
+      with open(rounds_path) as f:
+        cost[workdir] = json.load(f)
+      for r in cost[workdir]:
+        print(
+          f"{workdir} round {r['round']}: S {2 * r['steps']} -> "
+          f"{r['steps']}, {r['optimizer_steps']} steps, {r['seconds']:.0f} s"
+        )
   os.makedirs(args.out, exist_ok=True)
   title = (
     f"{os.path.basename(os.path.normpath(args.teacher))} ({teacher.family}) "
@@ -173,7 +186,7 @@ def main(argv=None) -> int:
   plot(rows, os.path.join(args.out, "distill.png"), title)
   report = {
     "teacher": os.path.abspath(args.teacher),
-    "workdir": os.path.abspath(args.workdir),
+    "workdirs": [os.path.abspath(w) for w in args.workdirs],
     "family": teacher.family,
     "photos": args.photos.split(","),
     "size": list(size),
