@@ -117,32 +117,65 @@ def measure(teacher, studs, names, cases, refs) -> list:
 
 
 def plot(rows: list, path: str, title: str) -> None:
+  """dB vs S per decoder at the students' S; the teacher's DDIM at its
+  other S (its default, its grid's) as dashed lines."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  smax = min(r["steps"] for r in rows if r["decoder"].startswith("student"))
-  smax *= 2
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  ss = {r["steps"] for r in rows if r["decoder"].startswith("student")}
   for name in dict.fromkeys(r["decoder"] for r in rows):
-    mine = [r for r in rows if r["decoder"] == name]
-    if name == "teacher ddim":  # its default S sits far right; draw S <= grid
-      mine = [r for r in mine if r["steps"] <= 2 * smax] or mine
+    mine = [r for r in rows if r["decoder"] == name and r["steps"] in ss]
     xs = [r["steps"] for r in mine]
     ax.plot(xs, [r["psnr_vs_ref"] for r in mine], "o-", label=name)
-  ticks = sorted({r["steps"] for r in rows})
+  lines: dict = {}  # dB -> S values (lines within 0.5 dB drawn once)
+  for r in rows:
+    if r["steps"] not in ss:
+      near = [d for d in lines if abs(d - r["psnr_vs_ref"]) < 0.5]
+      lines.setdefault(near[0] if near else r["psnr_vs_ref"], []).append(
+        str(r["steps"])
+      )
+  for db, steps in lines.items():
+    ax.axhline(db, ls="--", lw=1, color="gray")
+    ax.annotate(
+      f"teacher ddim S={', '.join(steps)}",
+      (min(ss), db),
+      textcoords="offset points",
+      xytext=(0, 3),
+      fontsize=7,
+      color="gray",
+    )
+  ticks = sorted(ss)
   ax.set_xscale("log")
   ax.set_xticks(ticks, [str(t) for t in ticks])
   ax.minorticks_off()
   ax.set_xlabel("decode steps S (U-Net calls)")
   ax.set_ylabel("PSNR vs the teacher's converged decode (dB)")
   ax.grid(True, alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def _name(path: str) -> str:
+  """A model's name for titles: its folder, or the workdir above a
+  workdir's ``model``."""
+  path = os.path.normpath(os.path.abspath(path))
+  base = os.path.basename(path)
+  return os.path.basename(os.path.dirname(path)) if base == "model" else base
+
+
+def replot(json_path: str) -> str:
+  """Redraws distill.png from a distill.json (no decoding)."""
+  with open(json_path) as f:
+    report = json.load(f)
+  out = os.path.join(os.path.dirname(json_path), "distill.png")
+  plot(report["rows"], out, report.get("title", ""))
+  return out
 
 
 def main(argv=None) -> int:
@@ -179,7 +212,7 @@ def main(argv=None) -> int:
         )
   os.makedirs(args.out, exist_ok=True)
   title = (
-    f"{os.path.basename(os.path.normpath(args.teacher))} ({teacher.family}) "
+    f"{_name(args.teacher)} ({teacher.family}) "
     f"and its students, {len(cases)} photos {size[1]}x{size[0]}, "
     f"ref DDIM-{args.ref_steps}"
   )
@@ -191,6 +224,7 @@ def main(argv=None) -> int:
     "photos": args.photos.split(","),
     "size": list(size),
     "ref_steps": args.ref_steps,
+    "title": title,
     "latent_use": use,
     "rounds": cost,
     "rows": [{k: bs.json_value(v) for k, v in r.items()} for r in rows],
