@@ -317,6 +317,11 @@ def load_workdir(workdir: str) -> LoadedModel:
   import jax
 
   config = read_workdir_config(workdir)
+  if "distill" in config:  # its checkpoints hold a student mid-round
+    raise ModelError(
+      f"{workdir}: a distillation workdir; its students are model directories "
+      f"in it: {os.path.join(workdir, EXPORT_DIR)} (the last) and model_s<S>"
+    )
   model_config = to_config(config.model.to_dict())
   diffusion_config = model_check.diffusion_config(config)
   where = os.path.join(workdir, WORKDIR_CONFIG)

@@ -156,6 +156,8 @@ def test_resume_mid_round_is_bit_identical(x_model_path, tmp_path, monkeypatch):
   teacher = _params(x_model_path)
   moved = [k for k in a if not np.array_equal(a[k], teacher[k])]
   assert moved and all(k.startswith("denoise_fn/") for k in moved), moved
+  with pytest.raises(model_dir.ModelError, match="a distillation workdir"):
+    model_dir.load(cut)  # its checkpoints are not a model to decode with
   with open(os.path.join(cut, "model", "model.json")) as f:
     meta = json.load(f)
   assert (
