@@ -18,6 +18,7 @@ from cdc_jax import (
   preemption,
   samplers,
 )
+from cdc_jax.models.cdc import from_config
 from configs import distill as distill_config
 
 SCHEDULES = {"eps": ("linear", 20000), "x": ("cosine", 8193)}
@@ -80,6 +81,22 @@ def _config(teacher: str, **distill_fields):
   return c
 
 
+@pytest.fixture(scope="module")
+def shallow_teacher(tmp_path_factory):
+  """A tiny x model with a two-level U-Net (the distillation step traces
+  three U-Nets and a backward pass: fewer levels, a faster test)."""
+  from cdc_jax import testing
+
+  config = dict(testing.TINY_MODELS["x"], dim_mults=[1, 2])
+  model = from_config(config)
+  params = testing.random_params(model, 0)
+  calib = testing.photo("chelsea", (128, 128))
+  params = testing.calibrate_entropy_model(model, params, calib)
+  path = str(tmp_path_factory.mktemp("shallow") / "x")
+  model_dir.export(path, config, testing.DIFFUSIONS["x"], params)
+  return path
+
+
 def _preempt_at(monkeypatch, steps):
   """A preemption notice as the loop reaches each step in ``steps``."""
   pending = set(steps)
@@ -132,28 +149,30 @@ def _straight_through(config, teacher_path: str):
   return model_dir.flatten(jax.device_get(state.ema_params))
 
 
-def test_resume_mid_round_is_bit_identical(x_model_path, tmp_path, monkeypatch):
+def test_resume_mid_round_is_bit_identical(
+  shallow_teacher, tmp_path, monkeypatch
+):
   """Preempted mid-round and rerun, a run exports the student of the same
   steps taken straight through, bit for bit; the entropy model stays the
   teacher's (its params bit-identical: the same bitstream fingerprint)."""
   cut = str(tmp_path / "cut")
   _preempt_at(monkeypatch, {2})
   with pytest.raises(preemption.Preempted):
-    distill.distill_and_evaluate(_config(x_model_path), cut)
+    distill.distill_and_evaluate(_config(shallow_teacher), cut)
   assert not os.path.exists(os.path.join(cut, "model"))
   assert sorted(os.listdir(os.path.join(cut, "checkpoints"))) == ["2"]
-  metrics = distill.distill_and_evaluate(_config(x_model_path), cut)
+  metrics = distill.distill_and_evaluate(_config(shallow_teacher), cut)
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_psnr"])
   with open(os.path.join(cut, "rounds.json")) as f:
     (r,) = json.load(f)
   assert r["optimizer_steps"] == 4 and r["steps"] == 2  # both runs' parts
 
-  a = _straight_through(_config(x_model_path), x_model_path)
+  a = _straight_through(_config(shallow_teacher), shallow_teacher)
   b = _params(os.path.join(cut, "model"))
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  teacher = _params(x_model_path)
+  teacher = _params(shallow_teacher)
   moved = [k for k in a if not np.array_equal(a[k], teacher[k])]
   assert moved and all(k.startswith("denoise_fn/") for k in moved), moved
   with pytest.raises(model_dir.ModelError, match="a distillation workdir"):
