@@ -56,7 +56,9 @@ from cdc_jax.train_state import decoding_params
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PARAMETERISATION = {"x": "x0", "eps": "v"}
+# The family's own U-Net output (docs/distillation.md: a student whose
+# output changes meaning did not learn it in a 500-step round).
+DEFAULT_PARAMETERISATION = {"x": "x0", "eps": "eps"}
 ROUNDS_JSON = "rounds.json"  # per round: S, optimizer steps, wall seconds
 
 

@@ -28,8 +28,8 @@ def get_config(arg=None):
       teacher_steps=64,
       target_steps=4,  # teacher_steps / 2^rounds
       steps_per_round=20_000,
-      # The student's output: "x0", "eps", "v" or "" (the family's: x0 for
-      # the x family, v for the eps family).
+      # The student's output: "x0", "eps", "v" or "" (the family's own: x0
+      # for the x family, eps for the eps family).
       parameterisation="",
       # Train the context decoder g_s with the U-Net (False: frozen, the
       # teacher's context maps). The entropy model is always frozen.
