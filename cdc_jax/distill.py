@@ -178,6 +178,13 @@ def _initial_state(config, plan: Plan, tx, manager, mesh):
   state = checkpoint.restore_or_none(manager, abstract, state_sharding)
   if state is not None:
     return state, f"checkpoint step {int(state.step)}"
+  # Each process from its own host copy, as training's init_from (a
+  # device_put would compare every leaf across processes first).
+  params = jax.tree.map(
+    lambda x, s: jax.make_array_from_callback(x.shape, s, x.__getitem__),
+    params,
+    state_sharding.params,
+  )
   build = jax.jit(
     lambda p: _fresh_state(p, tx, ema), out_shardings=state_sharding
   )
