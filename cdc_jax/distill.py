@@ -144,17 +144,17 @@ def resolve_config(config, plan: Plan) -> None:
   """The model and diffusion sections from the teacher, and the run's
   length (rounds x steps_per_round), written into ``config``."""
   t = plan.teacher
+  per = config.distill.steps_per_round
+  if not isinstance(per, int) or isinstance(per, bool) or per < 1:
+    raise TrainingError(
+      f"distill.steps_per_round = {per!r} must be a positive integer"
+    )
   with config.unlocked():
     for k, v in t.model_config.items():
       config.model[k] = tuple(v) if isinstance(v, list) else v
     config.diffusion.schedule = t.diffusion_config["schedule"]
     config.diffusion.timesteps = int(t.diffusion_config["timesteps"])
-    per = config.distill.steps_per_round
     config.train.num_steps = len(plan.students) * per
-  if not isinstance(per, int) or isinstance(per, bool) or per < 1:
-    raise TrainingError(
-      f"distill.steps_per_round = {per!r} must be a positive integer"
-    )
 
 
 def _fresh_state(teacher_params, tx, ema: bool, step=0, round_=0):

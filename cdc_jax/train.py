@@ -206,14 +206,14 @@ class Run:
   evaluate: during_training.SetEvaluator
   watch: preemption.Watch
   end: int = 0  # the step to stop at (0: train.num_steps)
-  decoding_params: Any = decoding_params  # state -> params to evaluate
 
 
 def run_steps(run: Run, state):
   """Runs steps ``state.step .. run.end``; returns (state, last metrics).
   The loop of every job (training, each distillation round): log,
   evaluate, checkpoint, preemption. ``state``: a TrainState or any struct
-  with a step that ``run.step_fn`` advances.
+  with its step, params and ema_params (``distill_step.DistillState``)
+  that ``run.step_fn`` advances.
 
   Raises:
     preemption.Preempted: after a preemption notice, once every process
@@ -255,7 +255,7 @@ def run_steps(run: Run, state):
         manager.wait_until_finished()
         raise preemption.Preempted(done, str(manager.directory))
       if is_eval:
-        params = run.decoding_params(state)
+        params = decoding_params(state)
         last.update(run.evaluate.log(params, done, out.writer))
   finally:
     out.close()
