@@ -133,6 +133,23 @@ def eps_l1_loss(eps, eps_hat):
   return jnp.mean(jnp.abs(eps - eps_hat))
 
 
+def eps_loss_weight(snr, floor: float):
+  """The eps family's per-sample weight under ``floor`` (a deviation):
+  max(1, floor / sqrt(SNR)).
+
+  An eps error d is an x0 error d / sqrt(SNR), so the original's L1 on
+  eps weighs x0 errors by sqrt(SNR), ~0 at high noise (the x family's
+  problem too); this raises that x0-space weight to at least ``floor``.
+  """
+  return jnp.maximum(1.0, floor / jnp.sqrt(snr))
+
+
+def eps_weighted_l1_loss(eps, eps_hat, weight):
+  """mean_b w_b * mean_chw |eps - eps_hat| (``eps_l1_loss`` at w = 1)."""
+  per = jnp.mean(jnp.abs(eps - eps_hat), axis=tuple(range(1, eps.ndim)))
+  return jnp.mean(weight * per)
+
+
 def x0_weighted_l2_loss(x0, x0_hat, weight):
   """The x family's loss: mean_b w_b * mean_chw (x0 - x0_hat)^2."""
   per = jnp.mean(jnp.square(x0 - x0_hat), axis=tuple(range(1, x0.ndim)))

@@ -58,8 +58,10 @@ def loss_fn(
   [B, h, w, C], see ``models.lpips.LPIPS``); with neither it is off. The
   metrics then carry ``aux_loss``, the batch mean LPIPS.
 
-  ``weight_floor`` (x family; config ``diffusion.loss_weight_floor``, 0 =
-  the original): the x0 loss weight is ``max(min(SNR, 5), weight_floor)``.
+  ``weight_floor`` (config ``diffusion.loss_weight_floor``, 0 = the
+  original) raises the loss's weight in x0 space to at least that: the x
+  family's x0 weight is ``max(min(SNR, 5), weight_floor)``, the eps
+  family's eps L1 is weighted by ``max(1, weight_floor / sqrt(SNR))``.
   """
   sqrt_abar, sqrt_1m_abar, snr = (
     sched_arrays.sqrt_abar,
@@ -73,7 +75,10 @@ def loss_fn(
   x_t = diffusion.q_sample(x0, sqrt_abar[t], sqrt_1m_abar[t], noise)
   time = (t.astype(jnp.float32) / sqrt_abar.shape[0])[:, None]
   pred = model.apply(variables, x_t, time, out["context"], method=CDC.denoise)
-  if model.family == "eps":
+  if model.family == "eps" and weight_floor:
+    weight = diffusion.eps_loss_weight(snr[t], weight_floor)
+    diff = diffusion.eps_weighted_l1_loss(noise, pred, weight)
+  elif model.family == "eps":
     diff = diffusion.eps_l1_loss(noise, pred)
   else:
     weight = diffusion.loss_weight(snr[t], floor=weight_floor)

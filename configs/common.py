@@ -87,9 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
       # False: a deterministic perceptual term.
       lpips_dropout=True,
       # Deviations from the original (0 = off), for the tiny demos: draw
-      # training t from [train_t_min * T, T) instead of [0, T); x family:
-      # x0 loss weight max(min(SNR, 5), loss_weight_floor). See
-      # docs/training.md, "The quick start's tiny demo".
+      # training t from [train_t_min * T, T) instead of [0, T); raise the
+      # loss's x0-space weight to >= loss_weight_floor (x family: weight
+      # max(min(SNR, 5), floor); eps: L1 weight max(1, floor / sqrt(SNR))).
+      # See docs/training.md, "The quick start's tiny demo".
       train_t_min=0.0,
       loss_weight_floor=0.0,
     )

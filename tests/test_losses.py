@@ -286,3 +286,21 @@ def test_weight_floor_scales_the_x_loss(x_setup):
   want = 100.0 * np.mean((np.asarray(pred) - np.asarray(args[2])) ** 2)
   np.testing.assert_allclose(high["diffusion_loss"], want, rtol=1e-5)
   assert abs(float(plain) - float(high["diffusion_loss"])) > 1e-3 * want
+
+
+def test_weight_floor_scales_the_eps_loss(eps_setup):
+  """The eps floor weighs each sample's L1 on eps by max(1, floor /
+  sqrt(SNR_t)): 1 at the early t (SNR ~ 280), ~ floor / sqrt(SNR) at the
+  late one; floor 0 is the original's plain mean."""
+  params, args = eps_setup
+  noise, t = np.asarray(args[4]), np.asarray(args[3])
+  snr = np.asarray(args[1].snr)[t]
+  zero = jnp.zeros_like(args[2])
+  _, (plain, pred) = probed_loss(params, zero, *args)
+  per = np.mean(np.abs(noise - np.asarray(pred)), axis=(1, 2, 3))
+  np.testing.assert_allclose(plain["diffusion_loss"], per.mean(), rtol=1e-5)
+  _, (high, _) = probed_loss(params, zero, *args, weight_floor=2.0)
+  w = np.maximum(1.0, 2.0 / np.sqrt(snr))
+  assert w[0] == 1.0 and w[1] > 10.0
+  want = np.mean(w * per)
+  np.testing.assert_allclose(high["diffusion_loss"], want, rtol=1e-5)
