@@ -297,9 +297,9 @@ def main(argv=None) -> int:
   lines = variants(args)
   print(
     f"{args.model} ({cm.family} family), photos {args.photos} at "
-    f"{size[1]}x{size[0]}, refs DDIM-{args.ref_steps} and dpmpp2m-"
-    f"{args.ode_steps}, "
-    f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+    f"{size[1]}x{size[0]}, ref DDIM-{args.ref_steps}"
+    + (f" and dpmpp2m-{args.ode_steps}, " if args.ode_steps else ", ")
+    + f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
     flush=True,
   )
   cases = [
